@@ -1,0 +1,1 @@
+"""Procedural toy worlds with exact programmatic rewards and tiny shipped base models."""

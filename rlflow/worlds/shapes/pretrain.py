@@ -1,0 +1,103 @@
+"""``rlflow pretrain shapes``: train the tiny shapes-world base model by flow matching on generated scenes.
+
+The shipped base (``rlflow/worlds/shapes/base``) was made with the defaults below; it is deliberately
+stopped early so that strict held-out accuracy with a 40-step ODE sampler sits well below 1 and RL has
+headroom. Prompts are dropped (replaced by ``""``) 10% of the time so classifier-free guidance is usable.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rlflow.models.sd3 import SD3Policy
+from rlflow.sampler import Sampler, SamplerSettings
+from rlflow.worlds.shapes import accuracy_report, eval_set
+from rlflow.worlds.shapes.model import (
+    build_scheduler,
+    build_text_encoder,
+    build_tokenizer,
+    build_transformer,
+    save_model,
+)
+from rlflow.worlds.shapes.prompts import sample_specs
+from rlflow.worlds.shapes.scene import IMAGE_SIZE, render, sample_scene
+
+
+@dataclass(frozen=True)
+class PretrainSettings:
+    steps: int = 3000
+    batch_size: int = 64
+    lr: float = 1e-3
+    warmup: int = 100
+    prompt_dropout: float = 0.1
+    seed: int = 0
+    eval_every: int = 500
+    eval_per_kind: int = 32
+
+
+def make_batch(rng: np.random.Generator, n: int, dropout: float) -> tuple[torch.Tensor, list[str]]:
+    """``n`` rendered scenes in ``[-1, 1]`` (``[n, 3, 32, 32]``) and their prompts (some dropped to "")."""
+    specs = sample_specs(rng, n)
+    images = np.stack([render(sample_scene(s, rng)) for s in specs])
+    prompts = ["" if rng.random() < dropout else s.prompt for s in specs]
+    return torch.from_numpy(images) * 2 - 1, prompts
+
+
+def evaluate(policy: SD3Policy, per_kind: int, num_steps: int = 40) -> dict[str, float]:
+    """Strict held-out accuracy of the deterministic ODE sampler."""
+    prompts, seeds = eval_set(per_kind)
+    sampler = Sampler(policy, SamplerSettings(height=IMAGE_SIZE, width=IMAGE_SIZE, chunk_size=64))
+    images = sampler.sample(prompts, seeds, num_steps=num_steps)
+    return accuracy_report(images.numpy(), prompts)
+
+
+def pretrain(out_dir: str | Path, s: PretrainSettings, log: Callable[[str], None] = print) -> dict[str, float]:
+    torch.manual_seed(s.seed)
+    rng = np.random.default_rng(s.seed)
+    tokenizer, text_encoder, transformer = build_tokenizer(), build_text_encoder(), build_transformer()
+    params = list(transformer.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda i: min(1.0, (i + 1) / s.warmup) * 0.5 * (1 + math.cos(math.pi * min(i / s.steps, 1.0)))
+    )
+    report: dict[str, float] = {}
+    start = time.time()
+    for step in range(1, s.steps + 1):
+        transformer.train()
+        text_encoder.train()
+        x0, prompts = make_batch(rng, s.batch_size, s.prompt_dropout)
+        tok = tokenizer(prompts, padding="max_length", truncation=True, return_tensors="pt")
+        enc = text_encoder(tok.input_ids)
+        t = torch.rand(s.batch_size)
+        eps = torch.randn_like(x0)
+        xt = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * eps
+        v = transformer(
+            hidden_states=xt, encoder_hidden_states=enc.last_hidden_state, pooled_projections=enc.text_embeds,
+            timestep=t * 1000, return_dict=False,
+        )[0]
+        loss = torch.nn.functional.mse_loss(v, eps - x0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        if step % 100 == 0:
+            log(f"step {step} loss {loss.item():.4f} ({time.time() - start:.0f}s)")
+        if step % s.eval_every == 0 or step == s.steps:
+            policy = SD3Policy(transformer, build_scheduler(), text_encoder=text_encoder, tokenizer=tokenizer)
+            report = evaluate(policy, s.eval_per_kind)
+            transformer.requires_grad_(True)
+            text_encoder.requires_grad_(True)
+            log(f"step {step} eval {json.dumps({k: round(v, 3) for k, v in report.items()})}")
+    save_model(out_dir, transformer, text_encoder, tokenizer, build_scheduler())
+    summary = {**report, "steps": float(s.steps), "seconds": time.time() - start}
+    (Path(out_dir) / "pretrain.json").write_text(json.dumps({"settings": asdict(s), "result": summary}, indent=2) + "\n")
+    return summary

@@ -1,0 +1,158 @@
+"""The shapes world: scenes of coloured shapes, their prompts, and a renderer to 32x32 RGB.
+
+A :class:`Spec` is what a prompt asks for; a scene is a list of :class:`Obj` placed on a black canvas.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+
+IMAGE_SIZE = 32
+COLORS: dict[str, tuple[float, float, float]] = {
+    "red": (0.90, 0.15, 0.15),
+    "green": (0.15, 0.75, 0.25),
+    "blue": (0.20, 0.35, 0.95),
+    "yellow": (0.95, 0.85, 0.15),
+}
+SHAPES = ("circle", "square", "triangle")
+RELATIONS = ("left of", "right of", "above", "below")
+KINDS = ("single", "color", "count", "position")
+NUMBER_WORDS = {1: "one", 2: "two", 3: "three"}
+
+
+@dataclass(frozen=True)
+class Obj:
+    """A placed object: colour, shape, centre ``(cx, cy)`` in pixels and bounding-box side ``size``."""
+
+    color: str
+    shape: str
+    cx: float
+    cy: float
+    size: int
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What a prompt asks for.
+
+    kind: one of :data:`KINDS`. shape/color: the (first) object; color is None when unconstrained.
+    count: how many of it (1 to 3). relation/shape2/color2: the second object of a position prompt.
+    """
+
+    kind: str
+    shape: str
+    color: str | None = None
+    count: int = 1
+    relation: str | None = None
+    shape2: str | None = None
+    color2: str | None = None
+
+    @property
+    def prompt(self) -> str:
+        if self.kind == "single":
+            return f"a {self.shape}"
+        if self.kind == "color":
+            return f"a {self.color} {self.shape}"
+        if self.kind == "count":
+            return f"{NUMBER_WORDS[self.count]} {self.shape}{'s' if self.count > 1 else ''}"
+        return f"a {self.color} {self.shape} {self.relation} a {self.color2} {self.shape2}"
+
+
+def all_specs() -> list[Spec]:
+    """Every prompt of the world, in a fixed order."""
+    specs = [Spec("single", s) for s in SHAPES]
+    specs += [Spec("color", s, c) for c in COLORS for s in SHAPES]
+    specs += [Spec("count", s, count=n) for n in NUMBER_WORDS for s in SHAPES]
+    objects = list(itertools.product(COLORS, SHAPES))
+    for (c1, s1), (c2, s2) in itertools.permutations(objects, 2):
+        if c1 == c2:  # two distinct colours keep the checker's pairing unambiguous
+            continue
+        specs += [Spec("position", s1, c1, relation=r, shape2=s2, color2=c2) for r in RELATIONS]
+    return specs
+
+
+def parse_prompt(prompt: str) -> Spec:
+    """The :class:`Spec` of a world prompt; raises ``ValueError`` for text outside the world."""
+    spec = _PROMPT_INDEX.get(prompt.strip().lower())
+    if spec is None:
+        raise ValueError(f"not a shapes-world prompt: {prompt!r}")
+    return spec
+
+
+_PROMPT_INDEX = {s.prompt: s for s in all_specs()}
+
+
+def _mask(shape: str, cx: float, cy: float, size: int) -> np.ndarray:
+    yy, xx = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE].astype(np.float32) + 0.5
+    half = size / 2
+    if shape == "circle":
+        return (xx - cx) ** 2 + (yy - cy) ** 2 <= half**2
+    if shape == "square":
+        return (np.abs(xx - cx) <= half) & (np.abs(yy - cy) <= half)
+    top, bottom = cy - half, cy + half
+    frac = (yy - top) / size
+    return (yy >= top) & (yy <= bottom) & (np.abs(xx - cx) <= half * frac)
+
+
+def render(objects: list[Obj]) -> np.ndarray:
+    """Scene -> ``[3, 32, 32]`` float32 image in ``[0, 1]`` on a black background."""
+    img = np.zeros((3, IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32)
+    for o in objects:
+        m = _mask(o.shape, o.cx, o.cy, o.size)
+        img[:, m] = np.asarray(COLORS[o.color], dtype=np.float32)[:, None]
+    return img
+
+
+def _free(box: tuple[float, float, int], placed: list[tuple[float, float, int]], gap: float = 2.0) -> bool:
+    cx, cy, s = box
+    return all(abs(cx - px) >= (s + ps) / 2 + gap or abs(cy - py) >= (s + ps) / 2 + gap for px, py, ps in placed)
+
+
+def _random_box(rng: np.random.Generator, placed: list[tuple[float, float, int]]) -> tuple[float, float, int] | None:
+    for _ in range(50):
+        size = int(rng.integers(8, 12))
+        lo, hi = size / 2 + 1, IMAGE_SIZE - size / 2 - 1
+        box = (float(rng.uniform(lo, hi)), float(rng.uniform(lo, hi)), size)
+        if _free(box, placed):
+            return box
+    return None
+
+
+def _place(rng: np.random.Generator, n: int) -> list[tuple[float, float, int]]:
+    """``n`` non-overlapping boxes (restarts the scene when a box does not fit)."""
+    while True:
+        placed: list[tuple[float, float, int]] = []
+        for _ in range(n):
+            box = _random_box(rng, placed)
+            if box is None:
+                break
+            placed.append(box)
+        if len(placed) == n:
+            return placed
+
+
+def _relation_boxes(rng: np.random.Generator, relation: str) -> list[tuple[float, float, int]]:
+    """Two boxes whose centres satisfy ``first <relation> second`` with a clear margin."""
+    while True:
+        a, b = _place(rng, 2)
+        dx, dy = b[0] - a[0], b[1] - a[1]  # offsets of the second object from the first
+        ok = {"left of": dx > 6, "right of": dx < -6, "above": dy > 6, "below": dy < -6}[relation]
+        if ok:
+            return [a, b]
+
+
+def sample_scene(spec: Spec, rng: np.random.Generator) -> list[Obj]:
+    """A random scene that satisfies ``spec`` exactly (the pretraining data)."""
+    colors = list(COLORS)
+    if spec.kind == "position":
+        assert spec.relation and spec.shape2 and spec.color and spec.color2
+        (ax, ay, asz), (bx, by, bsz) = _relation_boxes(rng, spec.relation)
+        return [Obj(spec.color, spec.shape, ax, ay, asz), Obj(spec.color2, spec.shape2, bx, by, bsz)]
+    objs = []
+    for box in _place(rng, spec.count):
+        color = spec.color or colors[int(rng.integers(len(colors)))]
+        objs.append(Obj(color, spec.shape, *box))
+    return objs
