@@ -85,7 +85,7 @@ class Sampler:
     """Runs rollouts of a :class:`FlowPolicy` (no grad)."""
 
     def __init__(self, policy: FlowPolicy, settings: SamplerSettings):
-        self.policy = policy
+        self.policy = policy.set_resolution(settings.height, settings.width)
         self.settings = settings
         self.grid = policy.schedule(settings.num_steps)
 

@@ -18,9 +18,14 @@ from rlflow.types import StepOut
 
 
 class PolicyGradientAlgo(Protocol):
-    name: str
-    needs_anchors: bool
-    needs_reference: bool
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def needs_anchors(self) -> bool: ...
+
+    @property
+    def needs_reference(self) -> bool: ...
 
     def loss(
         self, new: StepOut, logp_old: Tensor, mean_old: Tensor, adv: Tensor, ref_mean: Tensor | None

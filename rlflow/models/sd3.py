@@ -11,6 +11,7 @@ Without a ``vae`` folder the model works in pixel space and ``decode`` is the id
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -21,9 +22,21 @@ from torch import Tensor
 from rlflow.models.base import Conditioning, LoraMixin, PromptCache, freeze
 from rlflow.sde import flow_schedule
 
+_OPTIONAL = ("text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3", "vae")
 
-def _has(path: str, sub: str) -> bool:
-    return not os.path.isdir(path) or os.path.isdir(os.path.join(path, sub))
+
+def _load_part(path: str, sub: str, loader: Any, **kw: Any) -> Any:
+    """A component from ``path/sub``; ``None`` when an optional one is absent (local folder or hub id)."""
+    if os.path.isdir(path) and not os.path.isdir(os.path.join(path, sub)):
+        if sub in _OPTIONAL:
+            return None
+        raise FileNotFoundError(f"model.path {path}: no '{sub}' folder (diffusers layout expected)")
+    try:
+        return loader.from_pretrained(path, subfolder=sub, **kw)
+    except OSError:
+        if sub in _OPTIONAL and not os.path.isdir(path):
+            return None
+        raise
 
 
 class SD3Policy(LoraMixin):
@@ -63,9 +76,7 @@ class SD3Policy(LoraMixin):
         """Load from a diffusers-format folder or hub id (the real ``from_pretrained`` path)."""
         from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
 
-        def load(sub: str, loader: Any, **kw: Any) -> Any:
-            return loader.from_pretrained(path, subfolder=sub, **kw) if _has(path, sub) else None
-
+        load = functools.partial(_load_part, path)
         parts: dict[str, Any] = {
             "text_encoder": load("text_encoder", CLIPTextModelWithProjection, dtype=dtype),
             "tokenizer": load("tokenizer", AutoTokenizer),
@@ -84,6 +95,11 @@ class SD3Policy(LoraMixin):
         for m in (self.transformer, self.text_encoder, self.text_encoder_2, self.text_encoder_3, self.vae):
             if m is not None:
                 m.to(device)
+        self._cache = PromptCache(self._encode_one)  # cached rows live on the old device
+        return self
+
+    def set_resolution(self, height: int, width: int) -> SD3Policy:
+        """No-op: SD3's grid does not depend on the image size (static shift)."""
         return self
 
     @property

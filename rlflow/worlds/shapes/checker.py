@@ -1,9 +1,9 @@
 """A programmatic GenEval-style checker for the shapes world.
 
-Detection: a pixel is foreground when its brightest channel exceeds ``FG_THRESHOLD``; it takes the nearest
-palette colour (or ``"other"`` when none is close). 4-connected components of one colour larger than
-``MIN_AREA`` pixels are objects; the bounding box names the shape: the pixels at its corners (square: all four; triangle, apex
-up: the two bottom ones; circle: none) and its fill ratio (square ~1, circle ~0.78, triangle ~0.5). Scoring: a prompt becomes a list of boolean checks; the training reward is the
+Detection: a pixel is foreground when its brightest channel exceeds ``FG_THRESHOLD``; it takes the palette colour
+of nearest chromaticity (colour / brightest channel; ``"other"`` when none is close). 4-connected components of one colour larger than
+``MIN_AREA`` pixels are objects; the bounding box names the shape: a triangle (apex up) has about a third of its mass above the
+middle of its box, and a square fills the 2x2 corners of its box where a circle leaves them empty. Scoring: a prompt becomes a list of boolean checks; the training reward is the
 fraction that pass (partial credit) and strict accuracy is 1 only when all pass.
 """
 
@@ -16,11 +16,13 @@ import numpy as np
 
 from rlflow.worlds.shapes.scene import COLORS, Spec, parse_prompt
 
-FG_THRESHOLD = 0.35
+FG_THRESHOLD = 0.25
+CORE_LEVEL = 0.5
 COLOR_TOLERANCE = 0.45
 MIN_AREA = 10
 _PALETTE_NAMES = list(COLORS)
 _PALETTE = np.asarray([COLORS[c] for c in _PALETTE_NAMES], dtype=np.float32)
+_PALETTE /= _PALETTE.max(axis=1, keepdims=True)  # chromaticity: brightness-free, so soft edges keep their hue
 
 
 @dataclass(frozen=True)
@@ -37,9 +39,11 @@ class Detection:
 def _color_labels(img: np.ndarray) -> np.ndarray:
     """``[H, W]`` int map: -1 background, 0..P-1 palette index, P for an unknown colour."""
     pix = img.transpose(1, 2, 0)
-    dist = np.linalg.norm(pix[:, :, None, :] - _PALETTE[None, None], axis=-1)
+    bright = pix.max(-1)
+    chroma = pix / np.maximum(bright, 1e-6)[..., None]
+    dist = np.linalg.norm(chroma[:, :, None, :] - _PALETTE[None, None], axis=-1)
     labels = np.where(dist.min(-1) < COLOR_TOLERANCE, dist.argmin(-1), len(_PALETTE))
-    return np.where(pix.max(-1) > FG_THRESHOLD, labels, -1)
+    return np.where(bright > FG_THRESHOLD, labels, -1)
 
 
 def _components(labels: np.ndarray) -> list[tuple[int, np.ndarray, np.ndarray]]:
@@ -65,27 +69,36 @@ def _components(labels: np.ndarray) -> list[tuple[int, np.ndarray, np.ndarray]]:
 
 
 def _shape_of(ys: np.ndarray, xs: np.ndarray) -> str:
+    """Triangle (apex up): about a third of the mass above the box's middle; square vs circle: corners."""
     bw, bh = xs.max() - xs.min() + 1, ys.max() - ys.min() + 1
     if not 0.6 <= bw / bh <= 1.67:
         return "blob"
     fill = len(xs) / (bw * bh)
     if fill < 0.35:
         return "blob"
-    pts = set(zip(ys.tolist(), xs.tolist(), strict=True))
-    y0, y1, x0, x1 = ys.min(), ys.max(), xs.min(), xs.max()
-    top = sum((y0, x) in pts for x in (x0, x1))
-    bottom = sum((y1, x) in pts for x in (x0, x1))
-    if top + bottom >= 3 or fill >= 0.92:
-        return "square"
-    if (top == 0 and bottom == 2) or fill < 0.6:
+    mid = (ys.min() + ys.max()) / 2
+    top, bottom = float((ys < mid).sum()), float((ys > mid).sum())
+    if top < 0.6 * bottom:
         return "triangle"
-    return "circle"
+    box = np.zeros((bh, bw), dtype=bool)
+    box[ys - ys.min(), xs - xs.min()] = True
+    corners = np.concatenate([box[:2, :2], box[:2, -2:], box[-2:, :2], box[-2:, -2:]]).mean()
+    return "square" if corners >= 0.6 else "circle"
 
 
 def detect(img: np.ndarray) -> list[Detection]:
-    """Objects in a ``[3, 32, 32]`` image with values in ``[0, 1]``."""
+    """Objects in a ``[3, 32, 32]`` image with values in ``[0, 1]``.
+
+    A component's shape and centre are measured on its core: the pixels at least half as bright as the
+    component's peak (the half-maximum contour of a blurred edge sits where the sharp edge was).
+    """
+    arr = np.asarray(img, dtype=np.float32)
+    bright = arr.max(0)
     found = []
-    for lab, ys, xs in _components(_color_labels(np.asarray(img, dtype=np.float32))):
+    for lab, ys, xs in _components(_color_labels(arr)):
+        level = bright[ys, xs]
+        core = level >= CORE_LEVEL * np.percentile(level, 90)
+        ys, xs = ys[core], xs[core]
         if len(xs) < MIN_AREA:
             continue
         color = _PALETTE_NAMES[lab] if lab < len(_PALETTE_NAMES) else "other"

@@ -41,6 +41,7 @@ class PretrainSettings:
     seed: int = 0
     eval_every: int = 500
     eval_per_kind: int = 32
+    snapshots: bool = False  # also save the model at every eval, under <out>/snapshots/step_N
 
 
 def make_batch(rng: np.random.Generator, n: int, dropout: float) -> tuple[torch.Tensor, list[str]]:
@@ -97,6 +98,8 @@ def pretrain(out_dir: str | Path, s: PretrainSettings, log: Callable[[str], None
             transformer.requires_grad_(True)
             text_encoder.requires_grad_(True)
             log(f"step {step} eval {json.dumps({k: round(v, 3) for k, v in report.items()})}")
+            if s.snapshots:
+                save_model(Path(out_dir) / "snapshots" / f"step_{step}", transformer, text_encoder, tokenizer, build_scheduler())
     save_model(out_dir, transformer, text_encoder, tokenizer, build_scheduler())
     summary = {**report, "steps": float(s.steps), "seconds": time.time() - start}
     (Path(out_dir) / "pretrain.json").write_text(json.dumps({"settings": asdict(s), "result": summary}, indent=2) + "\n")

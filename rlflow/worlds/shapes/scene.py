@@ -113,7 +113,7 @@ def _free(box: tuple[float, float, int], placed: list[tuple[float, float, int]],
 
 def _random_box(rng: np.random.Generator, placed: list[tuple[float, float, int]]) -> tuple[float, float, int] | None:
     for _ in range(50):
-        size = int(rng.integers(8, 12))
+        size = int(rng.integers(9, 13))
         lo, hi = size / 2 + 1, IMAGE_SIZE - size / 2 - 1
         box = (float(rng.uniform(lo, hi)), float(rng.uniform(lo, hi)), size)
         if _free(box, placed):

@@ -1,0 +1,68 @@
+"""Turn a validated :class:`rlflow.config.Config` into the plain objects of a run (flat arguments)."""
+
+from __future__ import annotations
+
+import torch
+
+from rlflow.algos.policy_gradient import DPPO, GRPO, PolicyGradientAlgo
+from rlflow.config import AlgoConfig, Config, DataConfig, GRPOConfig, ModelConfig, SamplingConfig, TrainConfig
+from rlflow.learner import LearnerSettings
+from rlflow.models import load_policy
+from rlflow.models.base import FlowPolicy
+from rlflow.sampler import SamplerSettings, StepSettings
+from rlflow.tasks import PromptFileTask, ShapesTask, Task
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def model_path(path: str) -> str:
+    if path == "builtin:shapes":
+        from rlflow.worlds.shapes import BASE_DIR
+
+        return str(BASE_DIR)
+    if path.startswith("builtin:"):
+        raise ValueError(f"model.path '{path}': the only builtin model is 'builtin:shapes'")
+    return path
+
+
+def build_policy(m: ModelConfig, seed: int) -> FlowPolicy:
+    """Load the model and attach a fresh LoRA (its init is seeded by ``seed``)."""
+    policy = load_policy(m.family, model_path(m.path), dtype=DTYPES[m.dtype], device=m.device)
+    torch.manual_seed(seed)
+    policy.add_lora(m.lora.rank, m.lora.alpha, m.lora.target_modules)
+    return policy
+
+
+def build_algo(a: AlgoConfig) -> PolicyGradientAlgo:
+    if isinstance(a, GRPOConfig):
+        return GRPO(clip_range=a.clip_range, adv_clip=a.adv_clip, beta=a.beta)
+    return DPPO(kl_threshold=a.kl_threshold)
+
+
+def step_settings(s: SamplingConfig) -> StepSettings:
+    return StepSettings(noise_level=s.noise_level, kind=s.kind, guidance_scale=s.guidance_scale)
+
+
+def sampler_settings(s: SamplingConfig) -> SamplerSettings:
+    return SamplerSettings(
+        height=s.height, width=s.width, num_steps=s.num_steps, sde_steps=s.sde_steps, sde_lo=s.sde_range[0],
+        sde_hi=s.sde_range[1], contiguous=s.contiguous, chunk_size=s.chunk_size, step=step_settings(s),
+    )
+
+
+def learner_settings(t: TrainConfig, s: SamplingConfig) -> LearnerSettings:
+    return LearnerSettings(
+        lr=t.lr, weight_decay=t.weight_decay, grad_clip=t.grad_clip, minibatches=t.minibatches, micro_batch=s.chunk_size
+    )
+
+
+def build_task(d: DataConfig) -> Task:
+    if d.source == "shapes":
+        return ShapesTask(d.eval_per_kind)
+    assert d.train_file is not None
+    return PromptFileTask(d.train_file, d.eval_file, d.eval_seeds)
+
+
+def describe(cfg: Config) -> str:
+    return f"{cfg.algo.name} on {cfg.model.family}:{cfg.model.path} ({cfg.train.steps} steps)"
+

@@ -1,0 +1,130 @@
+"""``rlflow``: the command line (train, pretrain, ui)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from rlflow.config import ConfigError
+
+
+def _run_dir(output_dir: str, name: str) -> Path:
+    return Path(output_dir) / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _resolve_resume(resume: str, output_dir: str) -> Path:
+    for cand in (Path(resume), Path(output_dir) / resume):
+        if (cand / "config.yaml").is_file():
+            return cand
+    raise ConfigError(f"--resume {resume}: no run folder with a config.yaml at {resume} or {Path(output_dir) / resume}")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from rewards import build_reward
+    from rlflow.config import load_config
+
+    if args.resume:
+        run_dir = _resolve_resume(args.resume, args.output_dir or "runs")
+        cfg = load_config(run_dir / "config.yaml", args.set)
+    elif args.config:
+        cfg = load_config(args.config, args.set)
+        run_dir = _run_dir(args.output_dir or cfg.output_dir, cfg.name)
+    else:
+        raise ConfigError("rlflow train needs a CONFIG file, or --resume RUN")
+    reward = build_reward(cfg.reward.name, cfg.reward.kwargs)
+
+    from rlflow.trainer import Trainer
+
+    trainer = Trainer(cfg, reward, run_dir)
+    if trainer.resumed_from:
+        print(f"resuming {run_dir} from {trainer.resumed_from.name} (step {trainer.state.step})")
+    print(f"run folder: {run_dir}\nmlflow run: {trainer.tracker.run_url}")
+    summary = trainer.run(progress=_progress_bar(cfg.train.steps, trainer.state.step))
+    _print_summary(summary)
+    return 0
+
+
+def _progress_bar(total: int, initial: int):  # type: ignore[no-untyped-def]
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+
+    def update(step: int, metrics: dict[str, float]) -> None:
+        post = {"reward": f"{metrics['reward/mean']:.3f}", "s/step": f"{metrics['time/step']:.1f}"}
+        acc = metrics.get("eval/accuracy", metrics.get("eval/reward"))
+        if acc is not None:
+            post["eval"] = f"{acc:.3f}"
+        bar.set_postfix(post)
+        bar.update(step - bar.n)
+        if step >= total:
+            bar.close()
+
+    return update
+
+
+def _print_summary(s: dict) -> None:  # type: ignore[type-arg]
+    before, after = s["eval_before"], s["eval_after"]
+    print("\n== rlflow run summary ==")
+    for key in sorted(set(before) & set(after)):
+        print(f"  eval {key:<22} {before[key]:.3f} -> {after[key]:.3f}")
+    print(f"  steps {s['steps']}, wall time this session {s['wall_seconds_this_session']:.0f}s")
+    print(f"  run folder  {s['run_dir']}\n  mlflow run  {s['mlflow_run_url']}")
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    if args.world != "shapes":
+        raise ConfigError(f"pretrain: unknown world '{args.world}' (available: shapes)")
+    import torch
+
+    from rlflow.worlds.shapes.model import BASE_DIR
+    from rlflow.worlds.shapes.pretrain import PretrainSettings, pretrain
+
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    out = args.out or str(BASE_DIR)
+    settings = PretrainSettings(steps=args.steps, seed=args.seed, eval_every=args.eval_every)
+    result = pretrain(out, settings, log=lambda m: print(m, flush=True))
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    from rlflow.tracking import serve_ui
+
+    return serve_ui(args.output_dir, host=args.host, port=args.port)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rlflow", description="RL fine-tuning of flow-matching generators")
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="run a training job in-process")
+    t.add_argument("config", nargs="?", help="YAML config (see configs/)")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    t.add_argument("--resume", metavar="RUN", help="continue a run folder from its last checkpoint")
+    t.add_argument("--output-dir", help="where run folders go (default: the config's output_dir)")
+    t.set_defaults(func=cmd_train)
+    pt = sub.add_parser("pretrain", help="pretrain a toy world's base model")
+    pt.add_argument("world", help="shapes")
+    pt.add_argument("--out", help="output folder (default: the shipped base model folder)")
+    pt.add_argument("--steps", type=int, default=3000)
+    pt.add_argument("--seed", type=int, default=0)
+    pt.add_argument("--eval-every", type=int, default=500)
+    pt.add_argument("--threads", type=int, default=0)
+    pt.set_defaults(func=cmd_pretrain)
+    u = sub.add_parser("ui", help="serve the MLflow UI over a local run store")
+    u.add_argument("--output-dir", default="runs")
+    u.add_argument("--host", default="127.0.0.1")
+    u.add_argument("--port", type=int, default=5000)
+    u.set_defaults(func=cmd_ui)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"rlflow: error: {err}", file=sys.stderr)
+        return 2

@@ -1,0 +1,215 @@
+"""The validated run configuration. Unknown keys and bad values fail before any work, naming the key.
+
+A config is YAML; ``--set a.b=value`` overrides are applied before validation (values parsed as YAML).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A bad config: the message names the key(s) and what is allowed."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LoraConfig(_Section):
+    rank: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    target_modules: tuple[str, ...] = (
+        "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+    )
+
+
+class ModelConfig(_Section):
+    family: Literal["sd3", "flux"] = "sd3"
+    path: str = Field("builtin:shapes", description="diffusers folder, hub id, or builtin:shapes")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = "cpu"
+    lora: LoraConfig = LoraConfig()
+
+
+class DataConfig(_Section):
+    source: Literal["shapes", "file"] = "shapes"
+    train_file: str | None = Field(None, description="one prompt per line (source: file)")
+    eval_file: str | None = None
+    eval_per_kind: int = Field(32, ge=1, description="shapes world: held-out images per prompt kind")
+    eval_seeds: int = Field(1, ge=1, description="file prompts: images per eval prompt")
+
+    @model_validator(mode="after")
+    def _files(self) -> DataConfig:
+        if self.source == "file" and not self.train_file:
+            raise ValueError("data.train_file is required when data.source is 'file'")
+        return self
+
+
+class SamplingConfig(_Section):
+    height: int = Field(32, ge=8)
+    width: int = Field(32, ge=8)
+    num_steps: int = Field(10, ge=2, description="rollout grid steps K")
+    noise_level: float = Field(0.7, ge=0.0, le=2.0)
+    kind: Literal["sde", "cps"] = "sde"
+    sde_steps: int = Field(3, ge=1, description="stochastic, trained steps per rollout")
+    sde_range: tuple[int, int] = Field((0, 5), description="[lo, hi): indices the trained steps are drawn from")
+    contiguous: bool = False
+    guidance_scale: float = Field(1.0, ge=1.0)
+    prompts_per_step: int = Field(8, ge=1)
+    group_size: int = Field(8, ge=2)
+    chunk_size: int = Field(32, ge=1, description="samples per forward; the learner micro-batch too")
+
+    @model_validator(mode="after")
+    def _window(self) -> SamplingConfig:
+        lo, hi = self.sde_range
+        if not 0 <= lo < hi <= self.num_steps - 1:
+            raise ValueError(
+                f"sampling.sde_range {list(self.sde_range)} must satisfy 0 <= lo < hi <= num_steps - 1 "
+                f"= {self.num_steps - 1} (the last step is never trained)"
+            )
+        if self.sde_steps > hi - lo:
+            raise ValueError(f"sampling.sde_steps {self.sde_steps} exceeds the {hi - lo} steps of sde_range")
+        return self
+
+
+class RewardConfig(_Section):
+    name: str = Field("shapes_geneval", description="a registered reward name or 'package.module:callable'")
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class GRPOConfig(_Section):
+    name: Literal["grpo"] = "grpo"
+    clip_range: float = Field(1e-4, gt=0)
+    adv_clip: float = Field(5.0, gt=0)
+    beta: float = Field(0.0, ge=0)
+    global_std: bool = True
+
+
+class DPPOConfig(_Section):
+    name: Literal["dppo"] = "dppo"
+    kl_threshold: float = Field(1e-5, gt=0)
+    global_std: bool = True
+
+
+AlgoConfig = Annotated[GRPOConfig | DPPOConfig, Field(discriminator="name")]
+
+
+class TrainConfig(_Section):
+    steps: int = Field(100, ge=1)
+    lr: float = Field(3e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    minibatches: int = Field(2, ge=1, description="optimizer steps per rollout batch")
+    eval_every: int = Field(25, ge=0, description="0 disables periodic eval (first and last still run)")
+    eval_steps: int = Field(40, ge=1, description="ODE steps of the eval sampler")
+    checkpoint_every: int = Field(25, ge=1)
+    log_images_every: int = Field(25, ge=0)
+    threads: int = Field(0, ge=0, description="torch CPU threads; 0 = all cores")
+
+
+class TrackingConfig(_Section):
+    tracking_uri: str | None = Field(None, description="None: sqlite store in output_dir")
+    experiment: str = "rlflow"
+
+
+class Config(_Section):
+    name: str = "run"
+    seed: int = 0
+    output_dir: str = "runs"
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    sampling: SamplingConfig = SamplingConfig()
+    reward: RewardConfig = RewardConfig()
+    algo: AlgoConfig = Field(default_factory=DPPOConfig)
+    train: TrainConfig = TrainConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _chunks(self) -> Config:
+        n = self.sampling.prompts_per_step * self.sampling.group_size
+        if n % self.sampling.chunk_size:
+            raise ValueError(
+                f"sampling.chunk_size {self.sampling.chunk_size} must divide prompts_per_step * group_size = {n}"
+            )
+        return self
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """``["a.b=1", ...]`` applied to a nested dict (values parsed as YAML scalars/lists)."""
+    out = copy.deepcopy(raw)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        node = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: '{p}' is not a section")
+        node[parts[-1]] = yaml.safe_load(value)
+    return out
+
+
+_ALGOS: dict[str, type[BaseModel]] = {"grpo": GRPOConfig, "dppo": DPPOConfig}
+
+
+def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
+    """The keys allowed in the section that holds ``loc`` (``loc`` may carry an algo tag)."""
+    model: Any = Config
+    for part in loc[:-1]:
+        if part == "algo":
+            continue  # a tagged union: the next part of loc is the algorithm's name
+        if part in _ALGOS:
+            model = _ALGOS[part]
+            continue
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        if field is None or not hasattr(field.annotation, "model_fields"):
+            return []
+        model = field.annotation
+    return sorted(model.model_fields)
+
+
+def _format(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"] if p not in _ALGOS)
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key (allowed here: {', '.join(_allowed_keys(tuple(e['loc'])))})")
+        else:
+            got = e.get("input")
+            shown = "" if isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"  {key}: {e['msg']}{shown}")
+    return f"invalid config {source}:\n" + "\n".join(lines)
+
+
+def validate(raw: dict[str, Any], source: str = "") -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format(err, source)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read YAML, apply ``--set`` overrides, validate."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {p} is not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {p} must hold a mapping at the top level")
+    return validate(apply_overrides(raw, overrides or []), str(p))
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return cfg.model_dump(mode="json")

@@ -1,0 +1,76 @@
+"""Where prompts come from and how a run is evaluated.
+
+``ShapesTask``: the shapes world's fixed train prompts (kinds balanced) and held-out eval set, scored by
+strict accuracy. ``PromptFileTask``: prompts from text files (one per line), scored by the mean reward.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from rlflow.types import RewardFn
+
+
+class Task(Protocol):
+    def train_prompts(self, rng: np.random.Generator, n: int) -> list[str]: ...
+
+    def eval_set(self) -> tuple[list[str], list[int]]: ...
+
+    def eval_metrics(self, images: torch.Tensor, prompts: list[str], reward: RewardFn) -> dict[str, float]: ...
+
+
+class ShapesTask:
+    def __init__(self, eval_per_kind: int = 32):
+        from rlflow.worlds.shapes import split
+
+        self._train = split()[0]
+        self.eval_per_kind = eval_per_kind
+
+    def train_prompts(self, rng: np.random.Generator, n: int) -> list[str]:
+        from rlflow.worlds.shapes.prompts import sample_specs
+
+        return [s.prompt for s in sample_specs(rng, n, self._train)]
+
+    def eval_set(self) -> tuple[list[str], list[int]]:
+        from rlflow.worlds.shapes import eval_set
+
+        return eval_set(self.eval_per_kind)
+
+    def eval_metrics(self, images: torch.Tensor, prompts: list[str], reward: RewardFn) -> dict[str, float]:
+        from rlflow.worlds.shapes import accuracy_report
+
+        return accuracy_report(images.numpy(), prompts)
+
+
+def _read_prompts(path: str, field: str) -> list[str]:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{field}: prompt file not found: {p}")
+    prompts = [line.strip() for line in p.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"{field}: {p} holds no prompts")
+    return prompts
+
+
+class PromptFileTask:
+    def __init__(self, train_file: str, eval_file: str | None, eval_seeds: int = 1):
+        self._train = _read_prompts(train_file, "data.train_file")
+        self._eval = _read_prompts(eval_file, "data.eval_file") if eval_file else self._train[:16]
+        self.eval_seeds = eval_seeds
+
+    def train_prompts(self, rng: np.random.Generator, n: int) -> list[str]:
+        return [self._train[int(i)] for i in rng.integers(len(self._train), size=n)]
+
+    def eval_set(self) -> tuple[list[str], list[int]]:
+        prompts = [p for p in self._eval for _ in range(self.eval_seeds)]
+        return prompts, [1_000_000 + i for i in range(len(prompts))]
+
+    def eval_metrics(self, images: torch.Tensor, prompts: list[str], reward: RewardFn) -> dict[str, float]:
+        out = reward(images, prompts)
+        metrics = {"reward": float(out.score.mean())}
+        metrics.update({f"reward_{k}": float(v.mean()) for k, v in out.components.items()})
+        return metrics

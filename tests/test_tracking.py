@@ -1,0 +1,196 @@
+"""rlflow.tracking against a local sqlite store and a real ``mlflow server``."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from rlflow.tracking import (
+    GRID_GAP,
+    Tracker,
+    default_tracking_uri,
+    flatten,
+    image_grid,
+    start_server,
+    stop_server,
+    wait_for_server,
+)
+
+
+def test_flatten_nested_with_lists():
+    d = {"a": 1, "b": {"c": [1, 2, "x"], "d": {"e": None, "f": 0.5}}, "g": (True,), "h": {}}
+    assert flatten(d) == {
+        "a": "1",
+        "b.c": '[1, 2, "x"]',
+        "b.d.e": "None",
+        "b.d.f": "0.5",
+        "g": "[true]",
+        "h": "{}",
+    }
+    assert flatten({"x": {"y": 1}}, prefix="cfg.") == {"cfg.x.y": "1"}
+
+
+def test_image_grid_layout():
+    imgs = np.random.default_rng(0).random((10, 3, 20, 30))
+    grid = image_grid(imgs, ["a long caption that has to wrap over several lines " * 3] + ["b"] * 9)
+    # 8 columns, tiles upscaled x4 (30 -> 120 px >= 96), 2 rows
+    assert grid.width == 8 * (120 + GRID_GAP) + GRID_GAP
+    assert grid.height > 2 * (80 + GRID_GAP)
+    with pytest.raises(ValueError):
+        image_grid(imgs, ["only one"])
+    with pytest.raises(ValueError):
+        image_grid(np.zeros((2, 20, 30)), [])
+
+
+def _history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+def test_sqlite_store_roundtrip_and_resume(tmp_path: Path):
+    uri = default_tracking_uri(tmp_path / "out")
+    assert uri == f"sqlite:///{(tmp_path / 'out' / 'mlflow.db').resolve().as_posix()}"
+    params = {"train": {"lr": 3e-4, "steps": 3}, "prompts": ["a cat", "a dog"], "long": "x" * 7000}
+
+    tracker = Tracker(uri, "unit", run_name="r1", tags={"algo": "dppo"})
+    assert tracker.run_url.startswith("rlflow ui --output-dir ")
+    assert tracker.run_url.endswith(f"#/experiments/{tracker.experiment_id}/runs/{tracker.run_id}")
+    tracker.log_params(params)
+    for step in range(3):
+        tracker.log_metrics({"reward/mean": 0.1 * step, "loss": np.float32(1.0 - step)}, step=step)
+    images = torch.rand(4, 3, 16, 16)
+    png = tracker.log_image_grid(images, ["red square", "blue circle", "", "two green triangles"], step=2)
+    assert png.is_file()
+    tracker.log_dict({"name": "run", "algo": {"clip": 0.2}}, "config.yaml")
+    tracker.log_dict({"x": [1, 2]}, "eval/summary.json")
+    ckpt = tmp_path / "ckpt"
+    (ckpt / "sub").mkdir(parents=True)
+    (ckpt / "lora.safetensors").write_bytes(b"\0" * 10)
+    (ckpt / "sub" / "opt.pt").write_bytes(b"\1" * 5)
+    tracker.log_artifact(ckpt, "checkpoints/step_2")
+    tracker.finish()
+    tracker.finish()  # idempotent
+    assert not png.exists()  # temp files go with finish()
+
+    client = MlflowClient(tracking_uri=uri)
+    run = client.get_run(tracker.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.info.run_name == "r1"
+    assert run.data.tags["algo"] == "dppo"
+    expected = flatten(params)
+    expected["long"] = "x" * 6000
+    assert run.data.params == expected
+    assert _history(client, tracker.run_id, "loss") == [(0, 1.0), (1, 0.0), (2, -1.0)]
+    reward = _history(client, tracker.run_id, "reward/mean")
+    assert [s for s, _ in reward] == [0, 1, 2]
+    assert [v for _, v in reward] == pytest.approx([0.0, 0.1, 0.2])
+    assert all(m.timestamp > 0 for m in client.get_metric_history(tracker.run_id, "loss"))
+
+    # artifacts live next to the db
+    assert run.info.artifact_uri.startswith((tmp_path / "out" / "mlartifacts" / "unit").resolve().as_uri())
+    assert {f.path for f in client.list_artifacts(tracker.run_id, "images")} == {
+        "images/samples_step000002.png",
+        "images/samples_step000002.json",
+    }
+    local = Path(client.download_artifacts(tracker.run_id, "images", str(tmp_path / "dl")))
+    with Image.open(local / "samples_step000002.png") as im:
+        assert im.format == "PNG"
+        assert im.width == 4 * (96 + GRID_GAP) + GRID_GAP  # 16 px tiles upscaled x6
+        assert im.height > 96 + GRID_GAP
+    assert json.loads((local / "samples_step000002.json").read_text())[3] == "two green triangles"
+    top = {f.path for f in client.list_artifacts(tracker.run_id)}
+    assert {"config.yaml", "eval", "checkpoints", "images"} <= top
+    ck = {f.path for f in client.list_artifacts(tracker.run_id, "checkpoints/step_2")}
+    assert ck == {"checkpoints/step_2/lora.safetensors", "checkpoints/step_2/sub"}
+    cfg = Path(client.download_artifacts(tracker.run_id, "config.yaml", str(tmp_path / "dl")))
+    assert cfg.read_text().startswith("name: run")
+
+    # resume: same run, params re-logged without error, history continues
+    with Tracker(uri, "unit", run_id=tracker.run_id) as resumed:
+        assert resumed.run_id == tracker.run_id
+        assert client.get_run(tracker.run_id).info.status == "RUNNING"
+        resumed.log_params(params)
+        resumed.log_params({"resume": {"from_step": 3}})
+        for step in range(3, 5):
+            resumed.log_metrics({"loss": -float(step)}, step=step)
+    run = client.get_run(tracker.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["resume.from_step"] == "3"
+    assert [s for s, _ in _history(client, tracker.run_id, "loss")] == [0, 1, 2, 3, 4]
+    assert len(client.search_runs([tracker.experiment_id])) == 1
+
+    # an exception inside the block marks the run FAILED
+    with pytest.raises(RuntimeError), Tracker(uri, "unit") as failing:
+        raise RuntimeError("boom")
+    assert client.get_run(failing.run_id).info.status == "FAILED"
+    with pytest.raises(ValueError):
+        failing.finish("DONE")
+
+
+# --------------------------------------------------------------------------- real server
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """A real ``mlflow server`` on a free loopback port; yields (http uri, artifacts dir)."""
+    root = tmp_path_factory.mktemp("mlflow_server")
+    artifacts = root / "artifacts"
+    log = root / "server.log"
+    port = _free_port()
+    uri = f"http://127.0.0.1:{port}"
+    t0 = time.monotonic()
+    proc = start_server(f"sqlite:///{(root / 'mlflow.db').as_posix()}", artifacts, port, log_file=log)
+    try:
+        try:
+            wait_for_server(uri, timeout=90, proc=proc)
+        except (TimeoutError, RuntimeError) as e:
+            raise RuntimeError(f"{e}\n--- server log ---\n{log.read_text()[-4000:]}") from e
+        print(f"mlflow server ready in {time.monotonic() - t0:.1f} s")
+        yield uri, artifacts
+    finally:
+        stop_server(proc)
+        left = subprocess.run(["ps", "-o", "pid=", "-g", str(proc.pid)], capture_output=True, text=True)
+        assert left.stdout.strip() == "", f"server processes left: {left.stdout}"
+
+
+def test_tracker_through_server(mlflow_server, tmp_path: Path):
+    uri, artifacts = mlflow_server
+    with Tracker(uri, "server-test", run_name="remote") as tracker:
+        assert tracker.run_url.startswith(uri)
+        assert tracker.run_url == f"{uri}/#/experiments/{tracker.experiment_id}/runs/{tracker.run_id}"
+        tracker.log_params({"algo": {"name": "grpo", "beta": 0.01}})
+        for step in range(3):
+            tracker.log_metrics({"reward": float(step) / 2}, step=step)
+        tracker.log_image_grid(torch.rand(3, 3, 32, 32), ["a", "b", "c"], step=1, name="eval")
+
+    client = MlflowClient(tracking_uri=uri)
+    run = client.get_run(tracker.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params == {"algo.name": "grpo", "algo.beta": "0.01"}
+    assert _history(client, tracker.run_id, "reward") == [(0, 0.0), (1, 0.5), (2, 1.0)]
+    assert run.info.artifact_uri.startswith("mlflow-artifacts:")
+    names = {f.path for f in client.list_artifacts(tracker.run_id, "images")}
+    assert "images/eval_step000001.png" in names
+    local = Path(client.download_artifacts(tracker.run_id, "images/eval_step000001.png", str(tmp_path)))
+    with Image.open(local) as im:
+        assert im.width == 3 * (96 + GRID_GAP) + GRID_GAP
+
+    # uploaded through the server: the file sits in the server's artifacts destination
+    stored = list(artifacts.rglob("eval_step000001.png"))
+    assert len(stored) == 1
+    assert tracker.run_id in stored[0].parts
+    assert stored[0].read_bytes() == local.read_bytes()
