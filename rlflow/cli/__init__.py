@@ -26,12 +26,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     from rewards import build_reward
     from rlflow.config import load_config
 
+    overrides = [*args.set, *([f"output_dir={args.output_dir}"] if args.output_dir else [])]
     if args.resume:
         run_dir = _resolve_resume(args.resume, args.output_dir or "runs")
-        cfg = load_config(run_dir / "config.yaml", args.set)
+        cfg = load_config(run_dir / "config.yaml", overrides)
     elif args.config:
-        cfg = load_config(args.config, args.set)
-        run_dir = _run_dir(args.output_dir or cfg.output_dir, cfg.name)
+        cfg = load_config(args.config, overrides)
+        run_dir = _run_dir(cfg.output_dir, cfg.name)
     else:
         raise ConfigError("rlflow train needs a CONFIG file, or --resume RUN")
     reward = build_reward(cfg.reward.name, cfg.reward.kwargs)

@@ -52,12 +52,14 @@ def build_text_encoder(width: int = 64) -> CLIPTextModelWithProjection:
     return CLIPTextModelWithProjection(cfg)
 
 
-def build_transformer(text_width: int = 64, heads: int = 4, head_dim: int = 24, layers: int = 4) -> SD3Transformer2DModel:
+def build_transformer(
+    text_width: int = 64, heads: int = 4, head_dim: int = 24, layers: int = 4, patch_size: int = 4
+) -> SD3Transformer2DModel:
     return SD3Transformer2DModel(
-        sample_size=IMAGE_SIZE, patch_size=4, in_channels=3, out_channels=3, num_layers=layers,
+        sample_size=IMAGE_SIZE, patch_size=patch_size, in_channels=3, out_channels=3, num_layers=layers,
         attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=text_width,
         caption_projection_dim=heads * head_dim, pooled_projection_dim=text_width,
-        pos_embed_max_size=IMAGE_SIZE // 4,
+        pos_embed_max_size=IMAGE_SIZE // patch_size,
     )
 
 

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,6 +43,12 @@ class PretrainSettings:
     eval_every: int = 500
     eval_per_kind: int = 32
     snapshots: bool = False  # also save the model at every eval, under <out>/snapshots/step_N
+    init_from: str | None = None  # continue from a saved model folder instead of random weights
+    patch_size: int = 4
+    heads: int = 4
+    head_dim: int = 24
+    layers: int = 4
+    high_t_weight: float = 0.0  # fraction of each batch with t ~ U(0.6, 1): the layout-deciding noisy times
 
 
 def make_batch(rng: np.random.Generator, n: int, dropout: float) -> tuple[torch.Tensor, list[str]]:
@@ -60,10 +67,26 @@ def evaluate(policy: SD3Policy, per_kind: int, num_steps: int = 40) -> dict[str,
     return accuracy_report(images.numpy(), prompts)
 
 
+def _init_model(s: PretrainSettings) -> tuple[Any, Any, Any]:
+    init_from = s.init_from
+    if init_from is None:
+        return build_tokenizer(), build_text_encoder(), build_transformer(
+            heads=s.heads, head_dim=s.head_dim, layers=s.layers, patch_size=s.patch_size
+        )
+    from diffusers import SD3Transformer2DModel
+    from transformers import AutoTokenizer, CLIPTextModelWithProjection
+
+    return (
+        AutoTokenizer.from_pretrained(init_from, subfolder="tokenizer"),
+        CLIPTextModelWithProjection.from_pretrained(init_from, subfolder="text_encoder"),
+        SD3Transformer2DModel.from_pretrained(init_from, subfolder="transformer"),
+    )
+
+
 def pretrain(out_dir: str | Path, s: PretrainSettings, log: Callable[[str], None] = print) -> dict[str, float]:
     torch.manual_seed(s.seed)
     rng = np.random.default_rng(s.seed)
-    tokenizer, text_encoder, transformer = build_tokenizer(), build_text_encoder(), build_transformer()
+    tokenizer, text_encoder, transformer = _init_model(s)
     params = list(transformer.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -78,6 +101,8 @@ def pretrain(out_dir: str | Path, s: PretrainSettings, log: Callable[[str], None
         tok = tokenizer(prompts, padding="max_length", truncation=True, return_tensors="pt")
         enc = text_encoder(tok.input_ids)
         t = torch.rand(s.batch_size)
+        n_high = int(s.high_t_weight * s.batch_size)
+        t[:n_high] = 0.6 + 0.4 * t[:n_high]
         eps = torch.randn_like(x0)
         xt = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * eps
         v = transformer(

@@ -1,6 +1,8 @@
 """The shapes world: scenes of coloured shapes, their prompts, and a renderer to 32x32 RGB.
 
-A :class:`Spec` is what a prompt asks for; a scene is a list of :class:`Obj` placed on a black canvas.
+A :class:`Spec` is what a prompt asks for; a scene is a list of :class:`Obj` placed on a black canvas, each
+object in its own cell of a 3x3 layout grid (with a little jitter), which keeps layouts learnable by a tiny
+model trained on a CPU.
 """
 
 from __future__ import annotations
@@ -106,28 +108,25 @@ def render(objects: list[Obj]) -> np.ndarray:
     return img
 
 
-def _free(box: tuple[float, float, int], placed: list[tuple[float, float, int]], gap: float = 2.0) -> bool:
+GRID = (5.5, 16.0, 26.5)  # cell centres of the 3x3 layout grid
+JITTER = 0.75
+
+
+def _free(box: tuple[float, float, int], placed: list[tuple[float, float, int]], gap: float = 1.0) -> bool:
     cx, cy, s = box
     return all(abs(cx - px) >= (s + ps) / 2 + gap or abs(cy - py) >= (s + ps) / 2 + gap for px, py, ps in placed)
 
 
-def _random_box(rng: np.random.Generator, placed: list[tuple[float, float, int]]) -> tuple[float, float, int] | None:
-    for _ in range(50):
-        size = int(rng.integers(9, 13))
-        lo, hi = size / 2 + 1, IMAGE_SIZE - size / 2 - 1
-        box = (float(rng.uniform(lo, hi)), float(rng.uniform(lo, hi)), size)
-        if _free(box, placed):
-            return box
-    return None
-
-
 def _place(rng: np.random.Generator, n: int) -> list[tuple[float, float, int]]:
-    """``n`` non-overlapping boxes (restarts the scene when a box does not fit)."""
+    """``n`` non-overlapping boxes in distinct cells of the 3x3 grid, with a little jitter."""
     while True:
+        cells = rng.choice(9, size=n, replace=False)
         placed: list[tuple[float, float, int]] = []
-        for _ in range(n):
-            box = _random_box(rng, placed)
-            if box is None:
+        for c in cells:
+            size = int(rng.integers(9, 11))
+            cx, cy = (GRID[int(c) % 3] + rng.uniform(-JITTER, JITTER), GRID[int(c) // 3] + rng.uniform(-JITTER, JITTER))
+            box = (float(cx), float(cy), size)
+            if not _free(box, placed):
                 break
             placed.append(box)
         if len(placed) == n:

@@ -1,0 +1,34 @@
+"""Imports point one way: the core never imports ray, workers or rewards; rewards never imports workers."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+ENTRY_POINTS = {ROOT / "rlflow" / "cli" / "__init__.py", ROOT / "rlflow" / "jobs.py", ROOT / "rlflow" / "__main__.py"}
+
+
+def _imported_roots(path: Path) -> set[str]:
+    roots = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            roots |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            roots.add(node.module.split(".")[0])
+    return roots
+
+
+@pytest.mark.parametrize(
+    "package,forbidden",
+    [("rlflow", {"ray", "workers", "rewards"}), ("rewards", {"workers"})],
+)
+def test_imports_point_down(package, forbidden):
+    offenders = {}
+    for path in (ROOT / package).rglob("*.py"):
+        if path in ENTRY_POINTS:
+            continue
+        bad = _imported_roots(path) & forbidden
+        if bad:
+            offenders[str(path.relative_to(ROOT))] = sorted(bad)
+    assert not offenders

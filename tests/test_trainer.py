@@ -1,0 +1,105 @@
+"""The in-process loop on the shipped shapes base model: parity, resume, CLI and config errors."""
+
+import json
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from rewards import build_reward
+from rlflow.algos.policy_gradient import DPPO, GRPO
+from rlflow.builders import build_policy, sampler_settings
+from rlflow.cli import main
+from rlflow.config import ConfigError, load_config, validate
+from rlflow.learner import Learner, LearnerSettings
+from rlflow.sampler import Sampler
+from rlflow.trainer import Trainer
+
+TINY = {
+    "name": "tiny",
+    "sampling": {"prompts_per_step": 2, "group_size": 4, "chunk_size": 4, "num_steps": 6, "sde_range": [0, 4]},
+    "data": {"eval_per_kind": 2},
+    "algo": {"name": "dppo", "kl_threshold": 1e-4},
+    "train": {"steps": 4, "eval_every": 2, "eval_steps": 6, "checkpoint_every": 2, "log_images_every": 2, "threads": 2},
+}
+
+
+def _cfg(tmp_path, **over):
+    raw = json.loads(json.dumps(TINY))
+    for section, values in over.items():
+        raw.setdefault(section, {}).update(values) if isinstance(values, dict) else raw.update({section: values})
+    raw["output_dir"] = str(tmp_path)
+    return validate(raw)
+
+
+@pytest.mark.parametrize("algo", [GRPO(), DPPO()])
+def test_first_update_sees_ratio_exactly_one(tmp_path, algo):
+    cfg = _cfg(tmp_path)
+    policy = build_policy(cfg.model, seed=0)
+    sampler = Sampler(policy, sampler_settings(cfg.sampling))
+    prompts = ["a red circle"] * 4 + ["two squares"] * 4
+    traj = sampler.rollout(prompts, torch.arange(8) // 4, seed=5)
+    learner = Learner(policy, algo, LearnerSettings(minibatches=1, micro_batch=4), sampler.settings.step)
+    logp, mean = learner.anchors(traj, policy.encode_prompts(prompts))
+    assert torch.equal(logp, traj.log_prob) and torch.equal(mean, traj.mean)
+    stats = learner.update(traj, torch.linspace(-1, 1, 8), seed=0)  # one optimizer step after all replays
+    assert stats["ratio_min"] == 1.0 and stats["ratio_max"] == 1.0
+
+
+def _history(run_id, tracking_uri, key):
+    client = MlflowClient(tracking_uri=tracking_uri)
+    return {m.step: m.value for m in client.get_metric_history(run_id, key)}
+
+
+def test_resume_repeats_the_uninterrupted_run(tmp_path):
+    reward = build_reward("shapes_geneval")
+    full = Trainer(_cfg(tmp_path / "a"), reward, tmp_path / "a" / "run")
+    full.run()
+    short = Trainer(_cfg(tmp_path / "b", train={**TINY["train"], "steps": 2}), reward, tmp_path / "b" / "run")
+    short.run()
+    assert (tmp_path / "b" / "run" / "checkpoints" / "step_000002" / "lora.safetensors").is_file()
+    resumed = Trainer(_cfg(tmp_path / "b"), reward, tmp_path / "b" / "run")
+    assert resumed.state.step == 2 and resumed.tracker.run_id == short.tracker.run_id
+    summary = resumed.run()
+    assert summary["steps"] == 4
+    uri_a, uri_b = full.tracker.tracking_uri, resumed.tracker.tracking_uri
+    for key in ("reward/mean", "train/loss", "train/kl_mean", "eval/partial"):
+        a, b = _history(full.tracker.run_id, uri_a, key), _history(resumed.tracker.run_id, uri_b, key)
+        assert a == b and len(a) >= 2, key
+    assert set(_history(resumed.tracker.run_id, uri_b, "reward/mean")) == {1, 2, 3, 4}
+    assert summary["eval_before"]["accuracy"] == pytest.approx(full._summary(0)["eval_before"]["accuracy"])
+
+
+def test_cli_train_and_resume(tmp_path, capsys):
+    cfg_file = tmp_path / "tiny.yaml"
+    cfg_file.write_text(json.dumps({**TINY, "output_dir": str(tmp_path / "runs")}))
+    assert main(["train", str(cfg_file), "--set", "train.steps=2"]) == 0
+    out = capsys.readouterr().out
+    assert "rlflow run summary" in out and "eval accuracy" in out
+    (run_dir,) = (tmp_path / "runs").glob("tiny-*")
+    assert main(["train", "--resume", str(run_dir), "--set", "train.steps=3"]) == 0
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 3
+    assert "resuming" in capsys.readouterr().out
+
+
+def test_bad_config_fails_before_work_naming_the_key(tmp_path, capsys):
+    cfg_file = tmp_path / "bad.yaml"
+    cfg_file.write_text("sampling:\n  nosie_level: 0.7\n")
+    assert main(["train", str(cfg_file)]) == 2
+    err = capsys.readouterr().err
+    assert "sampling.nosie_level: unknown key" in err and "noise_level" in err
+    with pytest.raises(ConfigError, match="algo.kl_threshold: Input should be greater than 0"):
+        load_config(_write(tmp_path, "algo: {name: dppo, kl_threshold: -1}"))
+    with pytest.raises(ConfigError, match="chunk_size"):
+        validate({"sampling": {"prompts_per_step": 3, "group_size": 3, "chunk_size": 4}})
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    assert main(["train", str(_write(tmp_path, "reward: {name: nope}"))]) == 2
+    assert "reward.name 'nope' is not registered" in capsys.readouterr().err
+
+
+def _write(tmp_path, text):
+    p = tmp_path / "cfg.yaml"
+    p.write_text(text)
+    return p
