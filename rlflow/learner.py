@@ -53,7 +53,7 @@ class Learner:
         """``(logp_old [B, S], mean_old [B, S, ...])`` replayed at the current (pre-update) weights."""
         logps, means = [], []
         for sl in chunks(traj.num_samples, self.settings.micro_batch):
-            c = cond.index(list(range(traj.num_samples))[sl])
+            c = cond.index(sl)
             outs = [self.replay(traj, sl, j, c) for j in range(traj.num_steps)]
             logps.append(torch.stack([o.log_prob.cpu() for o in outs], 1))
             means.append(torch.stack([o.mean.cpu() for o in outs], 1))
@@ -85,7 +85,7 @@ class Learner:
         adv: Tensor, count: int, acc: _StatAccumulator,
     ) -> None:
         dev = self.params[0].device
-        c = cond.index(list(range(traj.num_samples))[sl])
+        c = cond.index(sl)
         a = adv[sl].to(dev)
         for j in range(traj.num_steps):
             new = self.replay(traj, sl, j, c)

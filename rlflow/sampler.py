@@ -101,7 +101,7 @@ class Sampler:
         grid, t_max = self.grid.tolist(), float(self.grid[1])
         rec: dict[str, list[Tensor]] = {"x": [], "x_next": [], "mean": [], "log_prob": [], "final": []}
         for sl in chunks(len(prompts), s.chunk_size):
-            x, c = x0[sl].to(self._device), cond.index(list(range(len(prompts)))[sl])
+            x, c = x0[sl].to(self._device), cond.index(sl)
             xs, nxt, means, lps = [], [], [], []
             for k in range(s.num_steps):
                 sto = k in trained
@@ -137,7 +137,7 @@ class Sampler:
         cond = self.policy.encode_prompts(prompts)
         images = []
         for sl in chunks(len(prompts), s.chunk_size):
-            x, c = x0[sl].to(self._device), cond.index(list(range(len(prompts)))[sl])
+            x, c = x0[sl].to(self._device), cond.index(sl)
             for k in range(num_steps):
                 x = policy_step(self.policy, x, grid[k], grid[k + 1], grid[1], c, s.step, stochastic=False).prev_sample
             images.append(self.policy.decode(x).cpu())

@@ -118,15 +118,12 @@ class Trainer:
             self.tracker.log_dict(summary, "summary.json")
             self.tracker.finish("FINISHED")
             return summary
-        except BaseException:
-            self.tracker.finish("KILLED" if not isinstance(self._exc(), Exception) else "FAILED")
+        except Exception:
+            self.tracker.finish("FAILED")
             raise
-
-    @staticmethod
-    def _exc() -> BaseException | None:
-        import sys
-
-        return sys.exc_info()[1]
+        except BaseException:  # Ctrl-C, SystemExit: the last checkpoint stays resumable
+            self.tracker.finish("KILLED")
+            raise
 
     def _log_start(self) -> None:
         (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
@@ -188,6 +185,22 @@ class Trainer:
         images = self.sampler.sample(sel_p, sel_s, num_steps=self.cfg.train.eval_steps)
         self.tracker.log_image_grid(images, sel_p, step=step, name="eval_samples")
 
+    def _run_averages(self, window: int = 10) -> dict[str, float]:
+        """Means over the whole run (resumed parts included), read back from the tracking store."""
+        def history(key: str) -> list[float]:
+            hist = self.tracker.client.get_metric_history(self.tracker.run_id, key)
+            return [m.value for m in sorted(hist, key=lambda m: m.step)]
+
+        out: dict[str, float] = {}
+        images_per_s, step_s, reward = (history(k) for k in ("throughput/rollout_images_per_s", "time/step", "reward/mean"))
+        if images_per_s:
+            out["rollout_images_per_s"] = float(np.mean(images_per_s))
+            out["mean_step_seconds"] = float(np.mean(step_s))
+            out["total_step_seconds"] = float(np.sum(step_s))
+            out[f"train_reward_first{window}"] = float(np.mean(reward[:window]))
+            out[f"train_reward_last{window}"] = float(np.mean(reward[-window:]))
+        return out
+
     def _summary(self, seconds: float) -> dict[str, Any]:
         h = self.state.history
         summary: dict[str, Any] = {
@@ -198,6 +211,7 @@ class Trainer:
             "wall_seconds_this_session": round(seconds, 1),
             "eval_before": {k.split("/", 1)[1]: v for k, v in h.items() if k.startswith("eval_before/")},
             "eval_after": {k.split("/", 1)[1]: v for k, v in h.items() if k.startswith("eval/")},
+            **self._run_averages(),
         }
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         return summary

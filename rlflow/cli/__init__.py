@@ -71,6 +71,9 @@ def _print_summary(s: dict) -> None:  # type: ignore[type-arg]
     print("\n== rlflow run summary ==")
     for key in sorted(set(before) & set(after)):
         print(f"  eval {key:<22} {before[key]:.3f} -> {after[key]:.3f}")
+    for key in ("train_reward_first10", "train_reward_last10", "rollout_images_per_s", "mean_step_seconds"):
+        if key in s:
+            print(f"  {key:<27} {s[key]:.3f}")
     print(f"  steps {s['steps']}, wall time this session {s['wall_seconds_this_session']:.0f}s")
     print(f"  run folder  {s['run_dir']}\n  mlflow run  {s['mlflow_run_url']}")
 
@@ -85,7 +88,9 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
     out = args.out or str(BASE_DIR)
-    settings = PretrainSettings(steps=args.steps, seed=args.seed, eval_every=args.eval_every)
+    settings = PretrainSettings(
+        steps=args.steps, stop_at=args.stop_at, seed=args.seed, eval_every=args.eval_every, snapshots=args.snapshots
+    )
     result = pretrain(out, settings, log=lambda m: print(m, flush=True))
     print(json.dumps(result, indent=2))
     return 0
@@ -109,7 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     pt = sub.add_parser("pretrain", help="pretrain a toy world's base model")
     pt.add_argument("world", help="shapes")
     pt.add_argument("--out", help="output folder (default: the shipped base model folder)")
-    pt.add_argument("--steps", type=int, default=3000)
+    pt.add_argument("--steps", type=int, default=5000, help="length of the learning-rate schedule")
+    pt.add_argument("--stop-at", type=int, default=2000, help="stop after this many steps (the shipped base)")
+    pt.add_argument("--snapshots", action="store_true", help="also save the model at every eval")
     pt.add_argument("--seed", type=int, default=0)
     pt.add_argument("--eval-every", type=int, default=500)
     pt.add_argument("--threads", type=int, default=0)

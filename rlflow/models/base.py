@@ -29,7 +29,9 @@ class Conditioning:
     tensors: dict[str, Tensor]
     shared: dict[str, Tensor]
 
-    def index(self, idx: Tensor | list[int]) -> Conditioning:
+    def index(self, idx: Tensor | list[int] | slice) -> Conditioning:
+        if isinstance(idx, slice):
+            return Conditioning({k: v[idx] for k, v in self.tensors.items()}, self.shared)
         i = torch.as_tensor(idx, dtype=torch.long)
         return Conditioning({k: v[i.to(v.device)] for k, v in self.tensors.items()}, self.shared)
 

@@ -11,6 +11,7 @@ import json
 import os
 from pathlib import Path
 
+import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, PreTrainedTokenizerFast
 
@@ -61,6 +62,25 @@ def build_transformer(
         caption_projection_dim=heads * head_dim, pooled_projection_dim=text_width,
         pos_embed_max_size=IMAGE_SIZE // patch_size,
     )
+
+
+def init_for_scratch(transformer: SD3Transformer2DModel, patch_scale: float = 0.1) -> SD3Transformer2DModel:
+    """Initialisation for training from scratch (diffusers keeps default inits, expecting pretrained weights).
+
+    - DiT's adaLN-Zero: zero gates and a zero output layer, so every block starts as the identity.
+    - A small patch embedding next to the position embedding: the final LayerNorm then stays nearly linear
+      in each patch's pixels, so the network can pass the noise through to the velocity (at ``t ~ 1`` the
+      target is ``v ~ x_t - E[x0]``). With the default scale the LayerNorm erases each noise patch's norm,
+      ``x0_hat = x_t - t v`` keeps that norm, and the ODE grows one spurious object per bright noise patch.
+    """
+    for name, module in transformer.named_modules():
+        if name.endswith(("norm1.linear", "norm1_context.linear", "norm_out.linear")) or name == "proj_out":
+            torch.nn.init.zeros_(module.weight)
+            torch.nn.init.zeros_(module.bias)
+    with torch.no_grad():
+        transformer.pos_embed.proj.weight.mul_(patch_scale)
+        transformer.pos_embed.proj.bias.zero_()
+    return transformer
 
 
 def build_scheduler() -> FlowMatchEulerDiscreteScheduler:

@@ -27,6 +27,7 @@ from rlflow.worlds.shapes.model import (
     build_tokenizer,
     build_transformer,
     save_model,
+    init_for_scratch,
 )
 from rlflow.worlds.shapes.prompts import sample_specs
 from rlflow.worlds.shapes.scene import IMAGE_SIZE, render, sample_scene
@@ -34,7 +35,8 @@ from rlflow.worlds.shapes.scene import IMAGE_SIZE, render, sample_scene
 
 @dataclass(frozen=True)
 class PretrainSettings:
-    steps: int = 3000
+    steps: int = 5000  # length of the learning-rate schedule
+    stop_at: int | None = 2000  # stop early (the shipped base model: deliberately imperfect)
     batch_size: int = 64
     lr: float = 1e-3
     warmup: int = 100
@@ -48,7 +50,7 @@ class PretrainSettings:
     heads: int = 4
     head_dim: int = 24
     layers: int = 4
-    high_t_weight: float = 0.0  # fraction of each batch with t ~ U(0.6, 1): the layout-deciding noisy times
+    high_t_weight: float = 0.2  # fraction of each batch with t ~ U(0.6, 1): the layout-deciding noisy times
 
 
 def make_batch(rng: np.random.Generator, n: int, dropout: float) -> tuple[torch.Tensor, list[str]]:
@@ -70,9 +72,8 @@ def evaluate(policy: SD3Policy, per_kind: int, num_steps: int = 40) -> dict[str,
 def _init_model(s: PretrainSettings) -> tuple[Any, Any, Any]:
     init_from = s.init_from
     if init_from is None:
-        return build_tokenizer(), build_text_encoder(), build_transformer(
-            heads=s.heads, head_dim=s.head_dim, layers=s.layers, patch_size=s.patch_size
-        )
+        transformer = build_transformer(heads=s.heads, head_dim=s.head_dim, layers=s.layers, patch_size=s.patch_size)
+        return build_tokenizer(), build_text_encoder(), init_for_scratch(transformer)
     from diffusers import SD3Transformer2DModel
     from transformers import AutoTokenizer, CLIPTextModelWithProjection
 
@@ -94,7 +95,8 @@ def pretrain(out_dir: str | Path, s: PretrainSettings, log: Callable[[str], None
     )
     report: dict[str, float] = {}
     start = time.time()
-    for step in range(1, s.steps + 1):
+    last = min(s.stop_at or s.steps, s.steps)
+    for step in range(1, last + 1):
         transformer.train()
         text_encoder.train()
         x0, prompts = make_batch(rng, s.batch_size, s.prompt_dropout)
@@ -117,7 +119,7 @@ def pretrain(out_dir: str | Path, s: PretrainSettings, log: Callable[[str], None
         sched.step()
         if step % 100 == 0:
             log(f"step {step} loss {loss.item():.4f} ({time.time() - start:.0f}s)")
-        if step % s.eval_every == 0 or step == s.steps:
+        if step % s.eval_every == 0 or step == last:
             policy = SD3Policy(transformer, build_scheduler(), text_encoder=text_encoder, tokenizer=tokenizer)
             report = evaluate(policy, s.eval_per_kind)
             transformer.requires_grad_(True)
@@ -126,6 +128,6 @@ def pretrain(out_dir: str | Path, s: PretrainSettings, log: Callable[[str], None
             if s.snapshots:
                 save_model(Path(out_dir) / "snapshots" / f"step_{step}", transformer, text_encoder, tokenizer, build_scheduler())
     save_model(out_dir, transformer, text_encoder, tokenizer, build_scheduler())
-    summary = {**report, "steps": float(s.steps), "seconds": time.time() - start}
+    summary = {**report, "steps": float(last), "seconds": time.time() - start}
     (Path(out_dir) / "pretrain.json").write_text(json.dumps({"settings": asdict(s), "result": summary}, indent=2) + "\n")
     return summary

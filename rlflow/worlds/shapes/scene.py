@@ -1,7 +1,7 @@
 """The shapes world: scenes of coloured shapes, their prompts, and a renderer to 32x32 RGB.
 
 A :class:`Spec` is what a prompt asks for; a scene is a list of :class:`Obj` placed on a black canvas, each
-object in its own cell of a 3x3 layout grid (with a little jitter), which keeps layouts learnable by a tiny
+object in its own cell of a 2x2 layout grid (with a little jitter), which keeps layouts learnable by a tiny
 model trained on a CPU.
 """
 
@@ -108,8 +108,8 @@ def render(objects: list[Obj]) -> np.ndarray:
     return img
 
 
-GRID = (5.5, 16.0, 26.5)  # cell centres of the 3x3 layout grid
-JITTER = 0.75
+GRID = (8.5, 23.5)  # cell centres of the 2x2 layout grid
+JITTER = 1.5
 
 
 def _free(box: tuple[float, float, int], placed: list[tuple[float, float, int]], gap: float = 1.0) -> bool:
@@ -118,13 +118,14 @@ def _free(box: tuple[float, float, int], placed: list[tuple[float, float, int]],
 
 
 def _place(rng: np.random.Generator, n: int) -> list[tuple[float, float, int]]:
-    """``n`` non-overlapping boxes in distinct cells of the 3x3 grid, with a little jitter."""
+    """``n`` non-overlapping boxes in distinct cells of the 2x2 grid, with a little jitter."""
     while True:
-        cells = rng.choice(9, size=n, replace=False)
+        cells = rng.choice(len(GRID) ** 2, size=n, replace=False)
         placed: list[tuple[float, float, int]] = []
         for c in cells:
-            size = int(rng.integers(9, 11))
-            cx, cy = (GRID[int(c) % 3] + rng.uniform(-JITTER, JITTER), GRID[int(c) // 3] + rng.uniform(-JITTER, JITTER))
+            size = int(rng.integers(10, 13))
+            col, row = int(c) % len(GRID), int(c) // len(GRID)
+            cx, cy = GRID[col] + rng.uniform(-JITTER, JITTER), GRID[row] + rng.uniform(-JITTER, JITTER)
             box = (float(cx), float(cy), size)
             if not _free(box, placed):
                 break
