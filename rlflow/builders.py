@@ -46,7 +46,8 @@ def step_settings(s: SamplingConfig) -> StepSettings:
 def sampler_settings(s: SamplingConfig) -> SamplerSettings:
     return SamplerSettings(
         height=s.height, width=s.width, num_steps=s.num_steps, sde_steps=s.sde_steps, sde_lo=s.sde_range[0],
-        sde_hi=s.sde_range[1], contiguous=s.contiguous, chunk_size=s.chunk_size, step=step_settings(s),
+        sde_hi=s.sde_range[1], contiguous=s.contiguous, chunk_size=s.chunk_size, shared_noise=s.shared_noise,
+        step=step_settings(s),
     )
 
 

@@ -60,6 +60,7 @@ class SamplingConfig(_Section):
     sde_steps: int = Field(3, ge=1, description="stochastic, trained steps per rollout")
     sde_range: tuple[int, int] = Field((0, 5), description="[lo, hi): indices the trained steps are drawn from")
     contiguous: bool = False
+    shared_noise: bool = Field(False, description="a group starts from one initial noise (Flow-GRPO-Fast branching)")
     guidance_scale: float = Field(1.0, ge=1.0)
     prompts_per_step: int = Field(8, ge=1)
     group_size: int = Field(8, ge=2)

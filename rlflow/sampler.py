@@ -33,6 +33,9 @@ class SamplerSettings:
     num_steps: grid steps K. sde_steps: how many steps are stochastic and trained, drawn per rollout batch
     from indices ``[sde_lo, sde_hi)`` (as a contiguous window when ``contiguous``). chunk_size: samples per
     forward pass; the learner replays in the same chunks so re-scored log-probs match bit for bit.
+    shared_noise: the samples of a group start from the same initial noise, so they share the ODE prefix
+    and differ only through the SDE steps (Flow-GRPO-Fast's branching): the group's reward spread then
+    comes from the trained actions, not from the starting noise, which cuts the advantage variance.
     """
 
     height: int
@@ -43,6 +46,7 @@ class SamplerSettings:
     sde_hi: int = 5
     contiguous: bool = False
     chunk_size: int = 32
+    shared_noise: bool = False
     step: StepSettings = StepSettings()
 
 
@@ -96,7 +100,11 @@ class Sampler:
         trained = choose_sde_steps(seed, s)
         gen = torch.Generator().manual_seed(seed)
         shape = self.policy.latent_shape(s.height, s.width)
-        x0 = torch.randn((len(prompts), *shape), generator=gen)
+        if s.shared_noise:
+            _, group_index = torch.unique(group_ids, return_inverse=True)
+            x0 = torch.randn((int(group_index.max()) + 1, *shape), generator=gen)[group_index]
+        else:
+            x0 = torch.randn((len(prompts), *shape), generator=gen)
         cond = self.policy.encode_prompts(prompts)
         grid, t_max = self.grid.tolist(), float(self.grid[1])
         rec: dict[str, list[Tensor]] = {"x": [], "x_next": [], "mean": [], "log_prob": [], "final": []}

@@ -26,8 +26,8 @@ from rlflow.worlds.shapes.model import (
     build_text_encoder,
     build_tokenizer,
     build_transformer,
-    save_model,
     init_for_scratch,
+    save_model,
 )
 from rlflow.worlds.shapes.prompts import sample_specs
 from rlflow.worlds.shapes.scene import IMAGE_SIZE, render, sample_scene

@@ -1,0 +1,56 @@
+import numpy as np
+import pytest
+import torch
+
+from rewards import build_reward, register, registered
+from rlflow.config import ConfigError
+from rlflow.worlds.shapes.scene import Obj, render
+
+
+def _images(n=3):
+    return torch.rand(n, 3, 8, 8)
+
+
+def test_dotted_path_function_with_kwargs_and_class():
+    imgs = _images()
+    out = build_reward("tests.plugins.my_rewards:brightness", {"scale": 2.0})(imgs, ["a"] * 3)
+    torch.testing.assert_close(out.score, imgs.mean(dim=(1, 2, 3)) * 2)
+    assert set(out.components) == {"tests.plugins.my_rewards:brightness"}
+    const = build_reward("tests.plugins.my_rewards:Constant", {"value": 0.5})(imgs, ["a"] * 3)
+    assert const.score.tolist() == [0.5, 0.5, 0.5]
+
+
+def test_non_finite_reward_is_an_error_naming_the_reward():
+    with pytest.raises(ValueError, match="reward 'tests.plugins.my_rewards:broken' returned 1 non-finite"):
+        build_reward("tests.plugins.my_rewards:broken")(_images(), ["a"] * 3)
+
+
+def test_unknown_and_bad_names():
+    with pytest.raises(ConfigError, match="not registered; known: .*shapes_geneval"):
+        build_reward("nope")
+    with pytest.raises(ConfigError, match="cannot import"):
+        build_reward("no_such_module:f")
+
+
+def test_register_rejects_duplicates():
+    @register("tests_unique_reward")
+    def f(images, prompts):
+        return [0.0] * len(prompts)
+
+    assert "tests_unique_reward" in registered()
+    with pytest.raises(ValueError, match="already registered"):
+        register("tests_unique_reward")(lambda i, p: [1.0] * len(p))
+
+
+def test_wrong_shape_is_an_error():
+    fn = build_reward("tests.plugins.my_rewards:brightness")
+    with pytest.raises(ValueError, match=r"returned shape \(2,\), expected \(3,\)"):
+        fn(_images(2), ["a"] * 3)
+
+
+def test_color_coverage_reward_hand_values():
+    img = render([Obj("red", "square", 8, 8, 10)])  # 10x10 red pixels (+ rasterisation edge) of 1024
+    out = build_reward("shapes_color_coverage")(torch.from_numpy(np.stack([img, img])), ["a red square", "a blue square"])
+    red_pixels = int((img[0] > 0.5).sum())
+    assert out.score[0].item() == pytest.approx(red_pixels / 1024)
+    assert out.score[1].item() == 0.0
