@@ -95,8 +95,11 @@ class Trainer:
         return stats
 
     def stage_checkpoint(self) -> Path:
+        """Save the resumable checkpoint locally and log its LoRA weights to MLflow."""
         learner = self.learner.state_dict()
-        return save_checkpoint(self.run_dir, self.state, learner["lora"], learner["optimizer"])
+        path = save_checkpoint(self.run_dir, self.state, learner["lora"], learner["optimizer"])
+        self.tracker.log_artifact(path / "lora.safetensors", f"checkpoints/{path.name}")
+        return path
 
     def evaluate(self) -> dict[str, float]:
         prompts, seeds = self.task.eval_set()

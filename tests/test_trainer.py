@@ -67,6 +67,10 @@ def test_resume_repeats_the_uninterrupted_run(tmp_path):
         a, b = _history(full.tracker.run_id, uri_a, key), _history(resumed.tracker.run_id, uri_b, key)
         assert a == b and len(a) >= 2, key
     assert set(_history(resumed.tracker.run_id, uri_b, "reward/mean")) == {1, 2, 3, 4}
+    artifacts = {a.path for a in resumed.tracker.client.list_artifacts(resumed.tracker.run_id, "checkpoints")}
+    assert artifacts == {"checkpoints/step_000002", "checkpoints/step_000004"}
+    logged = {a.path for a in resumed.tracker.client.list_artifacts(resumed.tracker.run_id)}
+    assert {"config.yaml", "summary.json", "images", "checkpoints"} <= logged
     assert summary["eval_before"]["accuracy"] == pytest.approx(full._summary(0)["eval_before"]["accuracy"])
 
 
