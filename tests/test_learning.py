@@ -26,7 +26,7 @@ def test_short_dppo_run_raises_mean_training_reward(tmp_path):
         [
             f"output_dir={tmp_path}", f"train.steps={STEPS}", "train.eval_every=0", "train.log_images_every=0",
             "train.checkpoint_every=100", "train.eval_steps=10", "data.source=file", f"data.train_file={prompt_file}",
-            "sampling.prompts_per_step=4", "reward.name=shapes_color_coverage",
+            "sampling.prompts_per_step=4", "reward.name=shapes_color_coverage", "train.lr=1e-3",
         ],
     )
     trainer = Trainer(cfg, build_reward(cfg.reward.name), tmp_path / "run")
