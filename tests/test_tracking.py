@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -194,3 +195,31 @@ def test_tracker_through_server(mlflow_server, tmp_path: Path):
     assert len(stored) == 1
     assert tracker.run_id in stored[0].parts
     assert stored[0].read_bytes() == local.read_bytes()
+
+
+def test_rlflow_ui_serves_the_local_store(tmp_path: Path):
+    """`rlflow ui` (a real MLflow server over the run folder's sqlite store) shows runs and their images."""
+    import urllib.request
+
+    from rlflow.tracking import stop_server, wait_for_server
+
+    with Tracker(default_tracking_uri(tmp_path), "ui-test", run_name="r") as tr:
+        tr.log_metrics({"reward/mean": 0.5}, step=1)
+        tr.log_image_grid(torch.rand(2, 3, 8, 8), ["a", "b"], step=1, name="eval")
+        run_id = tr.run_id
+    port = _free_port()
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "rlflow"), "ui", "--output-dir", str(tmp_path), "--port", str(port)],
+        start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_server(base, timeout=90, proc=proc)
+        with urllib.request.urlopen(f"{base}/api/2.0/mlflow/runs/get?run_id={run_id}") as r:
+            run = json.load(r)["run"]
+        assert run["data"]["metrics"][0]["key"] == "reward/mean"
+        path = "images/eval_step000001.png"
+        with urllib.request.urlopen(f"{base}/get-artifact?path={path}&run_uuid={run_id}") as r:
+            assert r.read()[:8] == b"\x89PNG\r\n\x1a\n"
+    finally:
+        stop_server(proc)
