@@ -62,8 +62,3 @@ def build_task(d: DataConfig) -> Task:
         return ShapesTask(d.eval_per_kind)
     assert d.train_file is not None
     return PromptFileTask(d.train_file, d.eval_file, d.eval_seeds)
-
-
-def describe(cfg: Config) -> str:
-    return f"{cfg.algo.name} on {cfg.model.family}:{cfg.model.path} ({cfg.train.steps} steps)"
-
