@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from rlflow.algos.policy_gradient import DPPO, GRPO, PolicyGradientAlgo
-from rlflow.config import AlgoConfig, Config, DataConfig, GRPOConfig, ModelConfig, SamplingConfig, TrainConfig
+from rlflow.config import AlgoConfig, DataConfig, GRPOConfig, ModelConfig, SamplingConfig, TrainConfig
 from rlflow.learner import LearnerSettings
 from rlflow.models import load_policy
 from rlflow.models.base import FlowPolicy
