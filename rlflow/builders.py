@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from rlflow.algos.policy_gradient import DPPO, GRPO, PolicyGradientAlgo
-from rlflow.config import AlgoConfig, DataConfig, GRPOConfig, ModelConfig, SamplingConfig, TrainConfig
+from rlflow.config import (
+    AlgoConfig,
+    ConfigError,
+    DataConfig,
+    GRPOConfig,
+    ModelConfig,
+    SamplingConfig,
+    TrainConfig,
+)
 from rlflow.learner import LearnerSettings
 from rlflow.models import load_policy
 from rlflow.models.base import FlowPolicy
@@ -21,7 +31,9 @@ def model_path(path: str) -> str:
 
         return str(BASE_DIR)
     if path.startswith("builtin:"):
-        raise ValueError(f"model.path '{path}': the only builtin model is 'builtin:shapes'")
+        raise ConfigError(f"model.path '{path}': the only builtin model is 'builtin:shapes'")
+    if path.startswith(("/", ".", "~")) and not Path(path).expanduser().is_dir():
+        raise ConfigError(f"model.path '{path}': no such folder (a diffusers-format folder or a hub id is expected)")
     return path
 
 

@@ -44,7 +44,6 @@ class Trainer:
 
     def __init__(self, cfg: Config, reward: RewardFn, run_dir: Path, *, tags: dict[str, str] | None = None):
         self.cfg, self.reward, self.run_dir = cfg, reward, Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         self.task = builders.build_task(cfg.data)
@@ -54,6 +53,7 @@ class Trainer:
             self.policy, builders.build_algo(cfg.algo), builders.learner_settings(cfg.train, cfg.sampling),
             builders.step_settings(cfg.sampling),
         )
+        self.run_dir.mkdir(parents=True, exist_ok=True)  # only once the model and data have loaded
         self.state = TrainState()
         ckpt = latest_checkpoint(self.run_dir)
         if ckpt is not None:

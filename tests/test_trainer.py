@@ -101,6 +101,9 @@ def test_bad_config_fails_before_work_naming_the_key(tmp_path, capsys):
         load_config(tmp_path / "missing.yaml")
     assert main(["train", str(_write(tmp_path, "reward: {name: nope}"))]) == 2
     assert "reward.name 'nope' is not registered" in capsys.readouterr().err
+    bad_model = f"output_dir: {tmp_path}/out\nmodel: {{path: {tmp_path}/missing}}\n"
+    assert main(["train", str(_write(tmp_path, bad_model))]) == 2
+    assert "model.path" in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 
 def _write(tmp_path, text):
