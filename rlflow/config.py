@@ -6,6 +6,7 @@ A config is YAML; ``--set a.b=value`` overrides are applied before validation (v
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -198,18 +199,30 @@ def validate(raw: dict[str, Any], source: str = "") -> Config:
         raise ConfigError(_format(err, source)) from None
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
-    """Read YAML, apply ``--set`` overrides, validate."""
+def read_config_text(path: str | Path) -> tuple[str, str]:
+    """``(yaml_text, source)`` of a config file, or of an environment variable when ``path`` is ``env:NAME``
+    (how ``rlflow submit`` hands a job the exact config it validated)."""
+    if str(path).startswith("env:"):
+        name = str(path)[4:]
+        if name not in os.environ:
+            raise ConfigError(f"config {path}: environment variable {name} is not set")
+        return os.environ[name], str(path)
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
+    return p.read_text(), str(p)
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read YAML (a file, or ``env:NAME``), apply ``--set`` overrides, validate."""
+    text, source = read_config_text(path)
     try:
-        raw = yaml.safe_load(p.read_text()) or {}
+        raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:
-        raise ConfigError(f"config file {p} is not valid YAML: {err}") from None
+        raise ConfigError(f"config file {source} is not valid YAML: {err}") from None
     if not isinstance(raw, dict):
-        raise ConfigError(f"config file {p} must hold a mapping at the top level")
-    return validate(apply_overrides(raw, overrides or []), str(p))
+        raise ConfigError(f"config file {source} must hold a mapping at the top level")
+    return validate(apply_overrides(raw, overrides or []), source)
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

@@ -42,7 +42,10 @@ def step_seed(seed: int, step: int, stream: int) -> int:
 class Trainer:
     """Runs (or resumes) one training run in ``run_dir``."""
 
-    def __init__(self, cfg: Config, reward: RewardFn, run_dir: Path, *, tags: dict[str, str] | None = None):
+    def __init__(
+        self, cfg: Config, reward: RewardFn, run_dir: Path, *, tags: dict[str, str] | None = None,
+        run_id: str | None = None,
+    ):
         self.cfg, self.reward, self.run_dir = cfg, reward, Path(run_dir)
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
@@ -61,7 +64,7 @@ class Trainer:
             self.learner.load_state_dict({"lora": lora, "optimizer": optim})
         uri = cfg.tracking.tracking_uri or default_tracking_uri(cfg.output_dir)
         self.tracker = Tracker(
-            uri, cfg.tracking.experiment, run_name=self.run_dir.name, run_id=self.state.mlflow_run_id,
+            uri, cfg.tracking.experiment, run_name=self.run_dir.name, run_id=self.state.mlflow_run_id or run_id,
             tags={"rlflow.run_dir": str(self.run_dir.resolve()), **(tags or {})},
         )
         self.state.mlflow_run_id = self.tracker.run_id

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -20,6 +21,12 @@ def _resolve_resume(resume: str, output_dir: str) -> Path:
         if (cand / "config.yaml").is_file():
             return cand
     raise ConfigError(f"--resume {resume}: no run folder with a config.yaml at {resume} or {Path(output_dir) / resume}")
+
+
+def job_tags() -> dict[str, str]:
+    """Tags that tie the MLflow run to the Ray job that runs it (set by ``rlflow submit``)."""
+    env = {"RLFLOW_RAY_JOB_ID": "rlflow.ray_job_id", "RLFLOW_RAY_ADDRESS": "rlflow.ray_address"}
+    return {tag: os.environ[var] for var, tag in env.items() if os.environ.get(var)}
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -39,7 +46,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from rlflow.trainer import Trainer
 
-    trainer = Trainer(cfg, reward, run_dir)
+    trainer = Trainer(cfg, reward, run_dir, tags=job_tags(), run_id=os.environ.get("RLFLOW_MLFLOW_RUN_ID"))
     if trainer.resumed_from:
         print(f"resuming {run_dir} from {trainer.resumed_from.name} (step {trainer.state.step})")
     print(f"run folder: {run_dir}\nmlflow run: {trainer.tracker.run_url}")
@@ -126,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--host", default="127.0.0.1")
     u.add_argument("--port", type=int, default=5000)
     u.set_defaults(func=cmd_ui)
+    from rlflow.cli import jobs_cmd
+
+    jobs_cmd.register(sub)
     return p
 
 
