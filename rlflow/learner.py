@@ -7,12 +7,15 @@ chunks (``minibatches`` disjoint sets per rollout batch).
 
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from rlflow.algos.policy_gradient import PolicyGradientAlgo
@@ -31,14 +34,26 @@ class LearnerSettings:
 
 
 class Learner:
-    """Owns the optimizer of ``policy``'s trainable (LoRA) parameters."""
+    """Owns the optimizer of ``policy``'s trainable (LoRA) parameters.
 
-    def __init__(self, policy: FlowPolicy, algo: PolicyGradientAlgo, settings: LearnerSettings, step: StepSettings):
+    With ``world_size > 1`` the learner is rank ``rank`` of a data-parallel group (``torch.distributed``
+    must be initialised): every rank sees the whole batch, replays only its share of each mini-batch's
+    chunks, and the summed gradients are all-reduced before clipping, so every rank takes the same optimizer
+    step as a single process on the whole batch. ``version`` counts optimizer updates (policy versions).
+    """
+
+    def __init__(
+        self, policy: FlowPolicy, algo: PolicyGradientAlgo, settings: LearnerSettings, step: StepSettings,
+        *, rank: int = 0, world_size: int = 1, keep_versions: int = 2,
+    ):
         self.policy, self.algo, self.settings, self.step = policy, algo, settings, step
+        self.rank, self.world_size, self.keep_versions = rank, world_size, keep_versions
         self.params = policy.trainable_parameters()
         if not self.params:
             raise ValueError("the policy has no trainable parameters: add a LoRA first")
         self.optimizer = torch.optim.AdamW(self.params, lr=settings.lr, weight_decay=settings.weight_decay)
+        self.version = 0
+        self._snapshots: dict[int, dict[str, Tensor]] = {}
 
     def replay(self, traj: Trajectories, sl: slice, j: int, cond: Conditioning) -> StepOut:
         """Re-score trained step ``j`` of the samples in ``sl`` at the current weights."""
@@ -49,36 +64,83 @@ class Learner:
         )
 
     @torch.no_grad()
-    def anchors(self, traj: Trajectories, cond: Conditioning) -> tuple[Tensor, Tensor]:
-        """``(logp_old [B, S], mean_old [B, S, ...])`` replayed at the current (pre-update) weights."""
-        logps, means = [], []
-        for sl in chunks(traj.num_samples, self.settings.micro_batch):
-            c = cond.index(sl)
-            outs = [self.replay(traj, sl, j, c) for j in range(traj.num_steps)]
-            logps.append(torch.stack([o.log_prob.cpu() for o in outs], 1))
-            means.append(torch.stack([o.mean.cpu() for o in outs], 1))
-        return torch.cat(logps), torch.cat(means)
+    def anchors(self, traj: Trajectories, cond: Conditioning, owned: list[slice]) -> tuple[Tensor, Tensor]:
+        """``(logp_old [B, S], mean_old [B, S, ...])`` of the ``owned`` chunks, replayed at the rollout's policy
+        version: the current weights, or the LoRA snapshot of an older version when the batch is stale
+        (one-step-off pipeline). A version no longer kept falls back to the rollout's recorded values."""
+        logp, mean = traj.log_prob.clone(), traj.mean.clone()
+        if traj.policy_version != self.version and traj.policy_version not in self._snapshots:
+            return logp, mean
+        with self._at_version(traj.policy_version):
+            for sl in owned:
+                c = cond.index(sl)
+                outs = [self.replay(traj, sl, j, c) for j in range(traj.num_steps)]
+                logp[sl] = torch.stack([o.log_prob.cpu() for o in outs], 1)
+                mean[sl] = torch.stack([o.mean.cpu() for o in outs], 1)
+        return logp, mean
+
+    @contextlib.contextmanager
+    def _at_version(self, version: int) -> Iterator[None]:
+        if version == self.version:
+            yield
+            return
+        current = self.policy.lora_state_dict()
+        self.policy.load_lora_state_dict(self._snapshots[version])
+        try:
+            yield
+        finally:
+            self.policy.load_lora_state_dict(current)
 
     def update(self, traj: Trajectories, adv: Tensor, *, seed: int) -> dict[str, float]:
         """One pass over the batch: ``minibatches`` optimizer steps. Returns aggregated stats."""
+        return merge_stats([self.update_raw(traj, adv, seed=seed)])
+
+    def update_raw(self, traj: Trajectories, adv: Tensor, *, seed: int) -> StatState:
+        """:meth:`update` returning this rank's un-normalised stats (combine ranks with :func:`merge_stats`)."""
         cond = self.policy.encode_prompts(traj.prompts)
-        if self.algo.needs_anchors:
-            logp_old, mean_old = self.anchors(traj, cond)
-        else:
-            logp_old, mean_old = traj.log_prob, traj.mean
         mbs = chunks(traj.num_samples, self.settings.micro_batch)
         order = np.random.default_rng(seed).permutation(len(mbs))
         groups = [g for g in np.array_split(order, min(self.settings.minibatches, len(mbs))) if len(g)]
+        mine = [[int(i) for pos, i in enumerate(g) if pos % self.world_size == self.rank] for g in groups]
+        if self.algo.needs_anchors:
+            logp_old, mean_old = self.anchors(traj, cond, [mbs[i] for g in mine for i in g])
+        else:
+            logp_old, mean_old = traj.log_prob, traj.mean
+        self._snapshot()
         acc = _StatAccumulator()
-        for group in groups:
+        for group, owned in zip(groups, mine, strict=True):
             count = sum(mbs[i].stop - mbs[i].start for i in group) * traj.num_steps
             self.optimizer.zero_grad(set_to_none=True)
-            for i in group:
+            for i in owned:
                 self._accumulate(traj, mbs[i], cond, logp_old, mean_old, adv, count, acc)
+            self._allreduce_grads()
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.settings.grad_clip)
             self.optimizer.step()
-            acc.add({"grad_norm": grad_norm.detach()}, 1)
-        return acc.result()
+            if self.rank == 0:
+                acc.add({"grad_norm": grad_norm.detach()}, 1)
+        self.version += 1
+        return acc.state()
+
+    def _snapshot(self) -> None:
+        """Keep the LoRA of the current version (anchors of batches sampled at it may arrive later)."""
+        self._snapshots[self.version] = {k: v.detach().clone() for k, v in self.policy.lora_state_dict().items()}
+        for v in sorted(self._snapshots)[: -self.keep_versions]:
+            del self._snapshots[v]
+
+    def _allreduce_grads(self) -> None:
+        """Sum the gradients of all ranks (one flat buffer, as DDP's buckets do)."""
+        if self.world_size == 1:
+            return
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        flat = torch.cat([p.grad.reshape(-1) for p in self.params])  # type: ignore[union-attr]
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        offset = 0
+        for p in self.params:
+            n = p.numel()
+            p.grad.copy_(flat[offset : offset + n].view_as(p))  # type: ignore[union-attr]
+            offset += n
 
     def _accumulate(
         self, traj: Trajectories, sl: slice, cond: Conditioning, logp_old: Tensor, mean_old: Tensor,
@@ -99,11 +161,37 @@ class Learner:
             acc.add(stats, n)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict(), "lora": self.policy.lora_state_dict()}
+        return {"optimizer": self.optimizer.state_dict(), "lora": self.policy.lora_state_dict(), "version": self.version}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.policy.load_lora_state_dict(state["lora"])
         self.optimizer.load_state_dict(state["optimizer"])
+        self.version = int(state.get("version", self.version))
+        self._snapshots.clear()
+
+
+@dataclass(frozen=True)
+class StatState:
+    """Un-normalised stats of one rank: weighted sums, their weights, and extremes (``*_min`` / ``*_max``)."""
+
+    sums: dict[str, float]
+    weights: dict[str, float]
+    extremes: dict[str, float]
+
+
+def merge_stats(states: list[StatState]) -> dict[str, float]:
+    """Weighted means over ranks; ``*_min`` / ``*_max`` keys keep the extreme."""
+    sums: dict[str, float] = defaultdict(float)
+    weights: dict[str, float] = defaultdict(float)
+    extremes: dict[str, float] = {}
+    for st in states:
+        for k, v in st.sums.items():
+            sums[k] += v
+            weights[k] += st.weights[k]
+        for k, v in st.extremes.items():
+            pick = min if k.endswith("_min") else max
+            extremes[k] = pick(extremes.get(k, v), v)
+    return {**{k: sums[k] / weights[k] for k in sums if weights[k] > 0}, **extremes}
 
 
 class _StatAccumulator:
@@ -124,5 +212,5 @@ class _StatAccumulator:
                 self.sums[k] += val * weight
                 self.weights[k] += weight
 
-    def result(self) -> dict[str, float]:
-        return {**{k: self.sums[k] / self.weights[k] for k in self.sums}, **self.extremes}
+    def state(self) -> StatState:
+        return StatState(dict(self.sums), dict(self.weights), dict(self.extremes))

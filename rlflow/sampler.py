@@ -85,8 +85,23 @@ def chunks(n: int, size: int) -> list[slice]:
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
+def stream_seed(seed: int, *keys: int) -> int:
+    """A 63-bit seed for the random stream ``keys`` of a rollout batch seeded ``seed``."""
+    state = np.random.SeedSequence([seed, *keys]).generate_state(2, dtype=np.uint64)
+    return int(state[0] >> np.uint64(1))
+
+
+_X0, _NOISE = 0, 1
+
+
 class Sampler:
-    """Runs rollouts of a :class:`FlowPolicy` (no grad)."""
+    """Runs rollouts of a :class:`FlowPolicy` (no grad).
+
+    Every sample draws its noise from its own stream, keyed by the batch seed and the sample's index in the
+    whole rollout batch (its group id for group-shared initial noise). A batch split into chunks across any
+    number of sampler processes is therefore bit-identical to the batch sampled in one call, and a chunk
+    redone after a crash reproduces the lost one exactly.
+    """
 
     def __init__(self, policy: FlowPolicy, settings: SamplerSettings):
         self.policy = policy.set_resolution(settings.height, settings.width)
@@ -94,17 +109,16 @@ class Sampler:
         self.grid = policy.schedule(settings.num_steps)
 
     @torch.no_grad()
-    def rollout(self, prompts: list[str], group_ids: Tensor, *, seed: int, policy_version: int = 0) -> Trajectories:
-        """Sample ``len(prompts)`` trajectories; steps from :func:`choose_sde_steps` are stochastic and recorded."""
+    def rollout(
+        self, prompts: list[str], group_ids: Tensor, *, seed: int, policy_version: int = 0,
+        trained: list[int] | None = None, offset: int = 0,
+    ) -> Trajectories:
+        """Sample ``len(prompts)`` trajectories; the ``trained`` steps (default :func:`choose_sde_steps` of
+        ``seed``) are stochastic and recorded. ``offset``: index of ``prompts[0]`` in the whole rollout batch."""
         s = self.settings
-        trained = choose_sde_steps(seed, s)
-        gen = torch.Generator().manual_seed(seed)
-        shape = self.policy.latent_shape(s.height, s.width)
-        if s.shared_noise:
-            _, group_index = torch.unique(group_ids, return_inverse=True)
-            x0 = torch.randn((int(group_index.max()) + 1, *shape), generator=gen)[group_index]
-        else:
-            x0 = torch.randn((len(prompts), *shape), generator=gen)
+        trained = choose_sde_steps(seed, s) if trained is None else sorted(trained)
+        gens = [torch.Generator().manual_seed(stream_seed(seed, _NOISE, offset + i)) for i in range(len(prompts))]
+        x0 = self._initial_noise(seed, group_ids, offset)
         cond = self.policy.encode_prompts(prompts)
         grid, t_max = self.grid.tolist(), float(self.grid[1])
         rec: dict[str, list[Tensor]] = {"x": [], "x_next": [], "mean": [], "log_prob": [], "final": []}
@@ -113,7 +127,7 @@ class Sampler:
             xs, nxt, means, lps = [], [], [], []
             for k in range(s.num_steps):
                 sto = k in trained
-                noise = torch.randn(x.shape, generator=gen).to(x.device) if sto else None
+                noise = torch.stack([torch.randn(x.shape[1:], generator=g) for g in gens[sl]]).to(x.device) if sto else None
                 out = policy_step(self.policy, x, grid[k], grid[k + 1], t_max, c, s.step, stochastic=sto, noise=noise)
                 if sto:
                     xs.append(x.float())
@@ -134,6 +148,15 @@ class Sampler:
             mean=torch.cat(rec["mean"]), final=final, images=self.policy.decode(final.to(self._device)).cpu(),
             step_index=idx, t_max=t_max, policy_version=policy_version,
         )
+
+    def _initial_noise(self, seed: int, group_ids: Tensor, offset: int) -> Tensor:
+        """``[B, ...]`` fp32 starting noise: one stream per sample, or per group id with ``shared_noise``."""
+        shape = self.policy.latent_shape(self.settings.height, self.settings.width)
+        keys = group_ids.tolist() if self.settings.shared_noise else range(offset, offset + len(group_ids))
+        stream = 2 if self.settings.shared_noise else _X0
+        return torch.stack([
+            torch.randn(shape, generator=torch.Generator().manual_seed(stream_seed(seed, stream, int(k)))) for k in keys
+        ])
 
     @torch.no_grad()
     def sample(self, prompts: list[str], seeds: list[int], *, num_steps: int) -> Tensor:

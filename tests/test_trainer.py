@@ -1,5 +1,6 @@
 """The in-process loop on the shipped shapes base model: parity, resume, CLI and config errors."""
 
+import dataclasses
 import json
 
 import pytest
@@ -12,7 +13,7 @@ from rlflow.builders import build_policy, sampler_settings
 from rlflow.cli import main
 from rlflow.config import ConfigError, load_config, validate
 from rlflow.learner import Learner, LearnerSettings
-from rlflow.sampler import Sampler
+from rlflow.sampler import Sampler, chunks
 from rlflow.trainer import Trainer
 
 TINY = {
@@ -40,10 +41,50 @@ def test_first_update_sees_ratio_exactly_one(tmp_path, algo):
     prompts = ["a red circle"] * 4 + ["two squares"] * 4
     traj = sampler.rollout(prompts, torch.arange(8) // 4, seed=5)
     learner = Learner(policy, algo, LearnerSettings(minibatches=1, micro_batch=4), sampler.settings.step)
-    logp, mean = learner.anchors(traj, policy.encode_prompts(prompts))
+    blank = dataclasses.replace(traj, log_prob=torch.zeros_like(traj.log_prob), mean=torch.zeros_like(traj.mean))
+    logp, mean = learner.anchors(blank, policy.encode_prompts(prompts), chunks(8, 4))  # replayed, not copied
     assert torch.equal(logp, traj.log_prob) and torch.equal(mean, traj.mean)
     stats = learner.update(traj, torch.linspace(-1, 1, 8), seed=0)  # one optimizer step after all replays
     assert stats["ratio_min"] == 1.0 and stats["ratio_max"] == 1.0
+
+
+def test_stale_batch_anchors_replay_at_the_rollout_version(tmp_path):
+    """One-step-off: a batch sampled at version 0 reaches a learner at version 1; its anchors must be the
+    version-0 values (the LoRA snapshot), not the current weights' values."""
+    cfg = _cfg(tmp_path)
+    policy = build_policy(cfg.model, seed=0)
+    sampler = Sampler(policy, sampler_settings(cfg.sampling))
+    prompts = ["a red circle"] * 4 + ["two squares"] * 4
+    traj = sampler.rollout(prompts, torch.arange(8) // 4, seed=5, policy_version=0)
+    learner = Learner(policy, DPPO(), LearnerSettings(lr=1e-2, minibatches=1, micro_batch=4), sampler.settings.step)
+    learner.update(traj, torch.linspace(-1, 1, 8), seed=0)
+    assert learner.version == 1
+    cond = policy.encode_prompts(prompts)
+    logp_v0, _ = learner.anchors(traj, cond, chunks(8, 4))
+    assert torch.equal(logp_v0, traj.log_prob)
+    logp_v1, _ = learner.anchors(dataclasses.replace(traj, policy_version=1), cond, chunks(8, 4))
+    assert not torch.allclose(logp_v1, traj.log_prob)  # the update moved the policy
+    logp_again, _ = learner.anchors(traj, cond, chunks(8, 4))
+    assert torch.equal(logp_again, logp_v0)  # the current weights were restored after the snapshot replay
+
+
+def test_chunked_rollout_equals_the_whole_batch(tmp_path):
+    """Per-sample noise streams: a batch split at chunk boundaries (across sampler processes) is bit-identical
+    to the whole batch. (Splits inside a chunk change the forward's batch shape, and CPU matmuls are not
+    batch-invariant, so those agree only to float precision.)"""
+    for shared in (False, True):
+        cfg = _cfg(tmp_path, sampling={**TINY["sampling"], "shared_noise": shared})
+        policy = build_policy(cfg.model, seed=0)
+        sampler = Sampler(policy, sampler_settings(cfg.sampling))
+        prompts = ["a red circle"] * 4 + ["two squares"] * 4
+        groups = torch.arange(8) // 4 + 10
+        whole = sampler.rollout(prompts, groups, seed=5, trained=[1, 3])
+        parts = [sampler.rollout(prompts[sl], groups[sl], seed=5, trained=[1, 3], offset=sl.start) for sl in chunks(8, 4)]
+        for name in ("x", "x_next", "mean", "log_prob", "final"):
+            assert torch.equal(torch.cat([getattr(p, name) for p in parts]), getattr(whole, name)), name
+        assert torch.equal(whole.step_index, torch.tensor([1, 3]))
+        same_start = torch.equal(whole.x[0, 0], whole.x[1, 0])
+        assert same_start == shared  # samples 0 and 1 share a group
 
 
 def _history(run_id, tracking_uri, key):
