@@ -46,6 +46,11 @@ def _load_builtins() -> None:
         importlib.import_module(mod)
 
 
+def resolve(spec: str) -> Any:
+    """The reward class or function ``spec`` names (raises :class:`ConfigError` naming ``reward.name``)."""
+    return _resolve(spec)
+
+
 def _resolve(spec: str) -> Any:
     if ":" in spec:
         module, _, attr = spec.partition(":")

@@ -81,8 +81,18 @@ class SamplingConfig(_Section):
 
 
 class RewardConfig(_Section):
+    """The reward and its server pool (Ray runtime: ``replicas`` actors, each scoring batches of at most
+    ``max_batch_size`` images; a call that takes longer than ``timeout_s`` is retried ``retries`` times)."""
+
     name: str = Field("shapes_geneval", description="a registered reward name or 'package.module:callable'")
     kwargs: dict[str, Any] = Field(default_factory=dict)
+    replicas: int = Field(1, ge=1)
+    max_batch_size: int = Field(64, ge=1)
+    timeout_s: float = Field(300.0, gt=0)
+    retries: int = Field(2, ge=0)
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+    runtime_env: dict[str, Any] = Field(default_factory=dict, description="a Ray runtime_env for the reward's actors")
 
 
 class GRPOConfig(_Section):
@@ -115,6 +125,31 @@ class TrainConfig(_Section):
     threads: int = Field(0, ge=0, description="torch CPU threads; 0 = all cores")
 
 
+class Resources(_Section):
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+
+
+class RayConfig(_Section):
+    """The Ray runtime: actors, their placement, and the pipeline."""
+
+    address: str | None = Field(None, description="None: embedded local Ray (inside a Ray job: the job's cluster)")
+    num_samplers: int = Field(1, ge=1)
+    num_learners: int = Field(1, ge=1, description="data-parallel learner ranks (one torch.distributed group)")
+    placement: Literal["colocated", "disaggregated"] = Field(
+        "colocated", description="colocated: sampler i and learner i share a bundle (GPU); disaggregated: separate pools"
+    )
+    pipeline: Literal["sync", "one_step_off"] = Field(
+        "sync", description="one_step_off: rollout of step k+1 overlaps the update of step k (policy lag 1)"
+    )
+    sampler: Resources = Resources()
+    learner: Resources = Resources()
+    backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="auto: nccl on GPU, gloo on CPU")
+    weight_sync: Literal["lora", "full"] = Field("lora", description="what rank 0 publishes to the samplers")
+    max_restarts: int = Field(3, ge=0, description="restarts of a dead sampler or reward actor")
+    max_chunk_retries: int = Field(3, ge=0, description="redos of a rollout chunk lost with its sampler")
+
+
 class TrackingConfig(_Section):
     tracking_uri: str | None = Field(None, description="None: sqlite store in output_dir")
     experiment: str = "rlflow"
@@ -131,6 +166,7 @@ class Config(_Section):
     algo: AlgoConfig = Field(default_factory=DPPOConfig)
     train: TrainConfig = TrainConfig()
     tracking: TrackingConfig = TrackingConfig()
+    ray: RayConfig = RayConfig()
 
     @model_validator(mode="after")
     def _chunks(self) -> Config:

@@ -121,6 +121,23 @@ class Learner:
         self.version += 1
         return acc.state()
 
+    def gradient(self, traj: Trajectories, adv: Tensor) -> Tensor:
+        """The (all-reduced) gradient of the whole batch's loss as one mini-batch, flattened; no optimizer
+        step. With ranks, each replays its share of the chunks, as in :meth:`update`."""
+        cond = self.policy.encode_prompts(traj.prompts)
+        mbs = chunks(traj.num_samples, self.settings.micro_batch)
+        owned = [i for i in range(len(mbs)) if i % self.world_size == self.rank]
+        logp_old, mean_old = self.anchors(traj, cond, [mbs[i] for i in owned]) if self.algo.needs_anchors else (
+            traj.log_prob, traj.mean)
+        self.optimizer.zero_grad(set_to_none=True)
+        for i in owned:
+            self._accumulate(traj, mbs[i], cond, logp_old, mean_old, adv, traj.num_samples * traj.num_steps,
+                             _StatAccumulator())
+        self._allreduce_grads()
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in self.params])
+        self.optimizer.zero_grad(set_to_none=True)
+        return flat.detach().cpu()
+
     def _snapshot(self) -> None:
         """Keep the LoRA of the current version (anchors of batches sampled at it may arrive later)."""
         self._snapshots[self.version] = {k: v.detach().clone() for k, v in self.policy.lora_state_dict().items()}

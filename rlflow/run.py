@@ -92,10 +92,11 @@ class RunRecorder:
     def step_metrics(
         self, rewards: RewardOutput, stats: dict[str, float], rollout_version: int, num_samples: int, times: StepTimes
     ) -> dict[str, float]:
-        m = {"reward/mean": float(rewards.score.mean()), "reward/std": float(rewards.score.std(unbiased=False))}
+        score = rewards.score.double()  # fp64 means: independent of how the batch was split and strided
+        m = {"reward/mean": float(score.mean()), "reward/std": float(score.std(unbiased=False))}
         for k, v in rewards.components.items():
-            m[f"reward/{k}_mean"] = float(v.mean())
-            m[f"reward/{k}_std"] = float(v.std(unbiased=False))
+            m[f"reward/{k}_mean"] = float(v.double().mean())
+            m[f"reward/{k}_std"] = float(v.double().std(unbiased=False))
         m.update({f"train/{k}": v for k, v in stats.items()})
         m["train/policy_version"] = float(self.state.policy_version)
         m["train/policy_lag"] = float(self.state.policy_version - 1 - rollout_version)

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The project's test command: set up, lint, type-check the core, run the CPU test suite.
+# The project's test command: set up, lint, type-check the core and the Ray layer, run the CPU test suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 .venv/bin/ruff check rlflow workers rewards tests
-.venv/bin/mypy rlflow
+.venv/bin/mypy rlflow workers
 .venv/bin/python -m pytest -q "$@"

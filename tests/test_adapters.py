@@ -7,6 +7,7 @@ downsamples by 2, so latents are ``[4, 8, 8]`` (SD3: 64 image tokens; FLUX: 16 p
 
 from __future__ import annotations
 
+import dataclasses
 import string
 
 import numpy as np
@@ -36,7 +37,7 @@ from rlflow.learner import Learner, LearnerSettings
 from rlflow.models import MODEL_FAMILIES, load_policy
 from rlflow.models.flux import FluxPolicy, latent_image_ids, pack_latents, unpack_latents
 from rlflow.models.sd3 import SD3Policy
-from rlflow.sampler import Sampler, SamplerSettings
+from rlflow.sampler import Sampler, SamplerSettings, chunks
 
 SIZE = 16  # pixels
 CLIP_LEN = 8  # CLIP tokens per prompt
@@ -439,7 +440,8 @@ def test_rollout_rescore_update_reference(saved, family):
     assert lora_before and all("lora_" in k for k in lora_before)
     learner = Learner(policy, DPPO(), LearnerSettings(micro_batch=2), SETTINGS.step)
 
-    logp_old, mean_old = learner.anchors(traj, policy.encode_prompts(PROMPTS))
+    blank = dataclasses.replace(traj, log_prob=torch.zeros_like(traj.log_prob), mean=torch.zeros_like(traj.mean))
+    logp_old, mean_old = learner.anchors(blank, policy.encode_prompts(PROMPTS), chunks(len(PROMPTS), 2))
     assert torch.equal(logp_old, traj.log_prob)  # bit-identical re-scoring
     assert torch.equal(mean_old, traj.mean)
 

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-ENTRY_POINTS = {ROOT / "rlflow" / "cli" / "__init__.py", ROOT / "rlflow" / "jobs.py", ROOT / "rlflow" / "__main__.py"}
+# Entry points may reach every layer; the core below them may not.
+ENTRY_POINTS = {*(ROOT / "rlflow" / "cli").glob("*.py"), ROOT / "rlflow" / "jobs.py", ROOT / "rlflow" / "__main__.py"}
 
 
 def _imported_roots(path: Path) -> set[str]:
@@ -21,7 +22,7 @@ def _imported_roots(path: Path) -> set[str]:
 
 @pytest.mark.parametrize(
     "package,forbidden",
-    [("rlflow", {"ray", "workers", "rewards"}), ("rewards", {"workers"})],
+    [("rlflow", {"ray", "workers", "rewards"}), ("rewards", {"workers", "ray"})],
 )
 def test_imports_point_down(package, forbidden):
     offenders = {}

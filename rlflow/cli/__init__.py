@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from rlflow.config import ConfigError
 
@@ -39,20 +41,42 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = load_config(run_dir / "config.yaml", overrides)
     elif args.config:
         cfg = load_config(args.config, overrides)
-        run_dir = _run_dir(cfg.output_dir, cfg.name)
+        name = os.environ.get("RLFLOW_RUN_NAME")  # set by `rlflow submit`: the MLflow run's name
+        run_dir = Path(cfg.output_dir) / name if name else _run_dir(cfg.output_dir, cfg.name)
     else:
         raise ConfigError("rlflow train needs a CONFIG file, or --resume RUN")
-    reward = build_reward(cfg.reward.name, cfg.reward.kwargs)
+    tags, run_id = job_tags(), os.environ.get("RLFLOW_MLFLOW_RUN_ID")
+    signal.signal(signal.SIGTERM, _terminate)  # `rlflow stop` / `ray job stop`: mark the run KILLED
+    if args.in_process:
+        from rlflow.trainer import Trainer
 
-    from rlflow.trainer import Trainer
+        trainer: Any = Trainer(cfg, build_reward(cfg.reward.name, cfg.reward.kwargs), run_dir, tags=tags, run_id=run_id)
+    else:
+        from rewards import resolve
+        from rlflow.builders import model_path
+        from workers.driver import RayTrainer
+        from workers.runtime import connect
 
-    trainer = Trainer(cfg, reward, run_dir, tags=job_tags(), run_id=os.environ.get("RLFLOW_MLFLOW_RUN_ID"))
+        resolve(cfg.reward.name)  # a bad reward name or model folder fails here, before any actor starts
+        model_path(cfg.model.path)
+        print(f"ray: {connect(cfg, args.address)}", flush=True)
+        trainer = RayTrainer(cfg, run_dir, tags=tags, run_id=run_id)
     if trainer.resumed_from:
         print(f"resuming {run_dir} from {trainer.resumed_from.name} (step {trainer.state.step})")
-    print(f"run folder: {run_dir}\nmlflow run: {trainer.tracker.run_url}")
-    summary = trainer.run(progress=_progress_bar(cfg.train.steps, trainer.state.step))
+    print(f"run folder: {run_dir}\nmlflow run: {trainer.tracker.run_url}", flush=True)
+    try:
+        summary = trainer.run(progress=_progress_bar(cfg.train.steps, trainer.state.step))
+    finally:
+        if not args.in_process:
+            from workers.runtime import disconnect
+
+            disconnect()
     _print_summary(summary)
     return 0
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _progress_bar(total: int, initial: int):  # type: ignore[no-untyped-def]
@@ -112,11 +136,13 @@ def cmd_ui(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rlflow", description="RL fine-tuning of flow-matching generators")
     sub = p.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="run a training job in-process")
+    t = sub.add_parser("train", help="run a training job (on Ray: embedded local, or a cluster with --address)")
     t.add_argument("config", nargs="?", help="YAML config (see configs/)")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     t.add_argument("--resume", metavar="RUN", help="continue a run folder from its last checkpoint")
     t.add_argument("--output-dir", help="where run folders go (default: the config's output_dir)")
+    t.add_argument("--address", help="join this Ray cluster (HOST:6379 or auto) instead of an embedded one")
+    t.add_argument("--in-process", action="store_true", help="run the plain loop in this process, without Ray")
     t.set_defaults(func=cmd_train)
     pt = sub.add_parser("pretrain", help="pretrain a toy world's base model")
     pt.add_argument("world", help="shapes")

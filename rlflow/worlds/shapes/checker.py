@@ -142,4 +142,4 @@ def score_batch(images: np.ndarray, prompts: list[str]) -> tuple[np.ndarray, np.
         raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
     pairs = [score_image(img, p) for img, p in zip(images, prompts, strict=True)]
     arr = np.asarray(pairs, dtype=np.float32).reshape(-1, 2)
-    return arr[:, 0], arr[:, 1]
+    return np.ascontiguousarray(arr[:, 0]), np.ascontiguousarray(arr[:, 1])

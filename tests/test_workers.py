@@ -1,0 +1,214 @@
+"""The Ray runtime on a real embedded Ray cluster: parity with the in-process loop, the learner group,
+weight sync, the one-step-off pipeline, placement, and faults (dead samplers, failing rewards, a dead learner)."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+import torch
+from mlflow.tracking import MlflowClient
+
+from rewards import build_reward
+from rlflow.algos.policy_gradient import DPPO
+from rlflow.builders import build_policy, learner_settings, sampler_settings, step_settings
+from rlflow.config import ConfigError, validate
+from rlflow.learner import Learner
+from rlflow.sampler import Sampler
+from rlflow.trainer import Trainer
+from workers.driver import RayTrainer
+from workers.learner import LearnerError, LearnerGroup
+from workers.messages import pack
+from workers.placement import Placement, plan
+from workers.reward_server import RewardServerError
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {
+    "name": "tiny",
+    "sampling": {"prompts_per_step": 2, "group_size": 4, "chunk_size": 4, "num_steps": 6, "sde_range": [0, 4]},
+    "data": {"eval_per_kind": 2},
+    "algo": {"name": "dppo", "kl_threshold": 1e-4},
+    "train": {"steps": 3, "eval_every": 0, "eval_steps": 6, "checkpoint_every": 1, "log_images_every": 0, "threads": 2},
+    "reward": {"timeout_s": 120},
+    "ray": {"sampler": {"num_cpus": 0.5}, "learner": {"num_cpus": 0.5}},
+}
+
+
+def _cfg(tmp_path, **sections):
+    raw = json.loads(json.dumps(TINY))
+    for section, values in sections.items():
+        raw[section] = {**raw.get(section, {}), **values} if isinstance(values, dict) else values
+    raw["output_dir"] = str(tmp_path)
+    return validate(raw)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_cluster():
+    if ray.is_initialized():  # left by an earlier test module's in-process call
+        ray.shutdown()
+    ray.init(
+        address="local", num_cpus=4, include_dashboard=False, logging_level="WARNING",
+        runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}},
+    )
+    yield
+    ray.shutdown()
+
+
+def _history(trainer, key):
+    client = MlflowClient(tracking_uri=trainer.tracker.tracking_uri)
+    return [m.value for m in sorted(client.get_metric_history(trainer.tracker.run_id, key), key=lambda m: m.step)]
+
+
+def test_ray_pipeline_computes_the_in_process_run(tmp_path):
+    """Same config, same seeds: the actors produce the in-process loop's rewards and weights, bit for bit."""
+    cfg = _cfg(tmp_path)
+    local = Trainer(cfg, build_reward(cfg.reward.name), tmp_path / "local")
+    local.run()
+    remote = RayTrainer(cfg, tmp_path / "ray")
+    learners = remote.learners
+    summary = remote.run()
+    assert summary["steps"] == 3
+    assert _history(remote, "reward/mean") == _history(local, "reward/mean")
+    assert _history(remote, "train/kl_mean") == _history(local, "train/kl_mean")
+    assert _history(remote, "train/policy_lag") == [0.0, 0.0, 0.0]
+    lora_local = local.learner.state_dict()["lora"]
+    ckpt = tmp_path / "ray" / "checkpoints" / "step_000003" / "lora.safetensors"
+    from safetensors.torch import load_file
+
+    lora_ray = load_file(str(ckpt))
+    assert set(lora_ray) == set(lora_local)
+    assert all(torch.equal(lora_ray[k], lora_local[k]) for k in lora_local)
+    assert learners is not None and remote.learners is None  # actors are shut down after the run
+
+
+def _batch(cfg, seed=3):
+    policy = build_policy(cfg.model, cfg.seed)
+    sampler = Sampler(policy, sampler_settings(cfg.sampling))
+    prompts = ["a red circle"] * 4 + ["two blue squares"] * 4 + ["a green triangle"] * 4 + ["a square"] * 4
+    traj = sampler.rollout(prompts, torch.arange(16) // 4, seed=seed)
+    adv = torch.linspace(-1.5, 1.5, 16)
+    return policy, traj, adv
+
+
+def test_two_rank_gloo_group_matches_one_process(tmp_path):
+    cfg = _cfg(tmp_path, ray={**TINY["ray"], "num_learners": 2, "placement": "disaggregated"})
+    policy, traj, adv = _batch(cfg)
+    single = Learner(policy, DPPO(kl_threshold=1e-4), learner_settings(cfg.train, cfg.sampling), step_settings(cfg.sampling))
+    expected = single.gradient(traj, adv)
+    assert expected.abs().sum() > 0
+    chunk_refs = [ray.put(pack(traj))]
+    placement = Placement(cfg.ray, name="grad-test")
+    group = LearnerGroup(cfg, placement, name_prefix="grad-test")
+    try:
+        grads = group.gradient(chunk_refs, adv.numpy())
+        assert np.array_equal(grads[0], grads[1])  # both ranks hold the all-reduced gradient
+        torch.testing.assert_close(torch.from_numpy(grads[0]), expected, rtol=1e-5, atol=1e-8)
+        refs = group.update(chunk_refs, adv.numpy(), seed=0)
+        stats = group.finish_update(refs, step=0)
+        assert stats["ratio_mean"] == pytest.approx(1.0, abs=1e-3)  # the 2nd mini-batch sees the 1st step
+        (v0, d0), (v1, d1) = group.digests()
+        assert v0 == v1 == 1 and d0 == d1  # identical optimizer steps on both ranks
+    finally:
+        group.shutdown()
+        placement.remove()
+
+
+def test_weight_sync_reaches_every_sampler(tmp_path):
+    cfg = _cfg(tmp_path, ray={**TINY["ray"], "num_samplers": 2}, train={**TINY["train"], "steps": 2})
+    trainer = RayTrainer(cfg, tmp_path / "run")
+    try:
+        initial = ray.get([s.digest.remote() for s in trainer.samplers])
+        assert initial[0] == initial[1] and initial[0][0] == 0
+        for _ in range(2):
+            trainer.train_step()
+        version, digest = trainer.learners.digests()[0]
+        assert version == 2
+        synced = ray.get([s.digest.remote() for s in trainer.samplers])
+        assert synced == [(2, digest), (2, digest)]
+        assert synced[0][1] != initial[0][1]  # the weights really changed
+    finally:
+        trainer.shutdown()
+
+
+def test_one_step_off_pipeline_logs_lag_and_trains(tmp_path):
+    cfg = _cfg(tmp_path, ray={**TINY["ray"], "pipeline": "one_step_off"}, train={**TINY["train"], "steps": 4})
+    trainer = RayTrainer(cfg, tmp_path / "run")
+    summary = trainer.run()
+    assert summary["steps"] == 4
+    assert _history(trainer, "train/policy_lag") == [0.0, 1.0, 1.0, 1.0]
+    kl = _history(trainer, "train/kl_mean")
+    assert all(np.isfinite(kl)) and kl[0] >= 0
+
+
+def test_killed_sampler_is_restarted_and_its_chunk_redone(tmp_path):
+    """Sampler 0 is killed mid-rollout by the reward; the run finishes with the same numbers as an
+    uninterrupted one (nothing lost, nothing counted twice)."""
+    reward = {"name": "tests.plugins.faults:kill_sampler_once", "kwargs": {"marker": str(tmp_path / "kill")}}
+    plain = RayTrainer(_cfg(tmp_path / "a", reward={"name": "shapes_geneval"}), tmp_path / "a" / "run")
+    plain.run()
+    faulty = RayTrainer(_cfg(tmp_path / "b", reward=reward), tmp_path / "b" / "run")
+    summary = faulty.run()
+    assert (tmp_path / "kill").exists()
+    assert summary["steps"] == 3
+    redone = _history(faulty, "faults/chunks_redone")
+    assert sum(redone) >= 1 and len(redone) == 3
+    assert _history(faulty, "reward/mean") == _history(plain, "reward/mean")
+    assert _history(faulty, "train/policy_version") == [1.0, 2.0, 3.0]
+
+
+@pytest.mark.parametrize(
+    ("reward", "message"),
+    [
+        ({"name": "tests.plugins.faults:raises"}, "reward server 'tests.plugins.faults:raises'.*the judge exploded"),
+        ({"name": "tests.plugins.faults:nan"}, "reward server 'tests.plugins.faults:nan'.*non-finite"),
+        (
+            {"name": "tests.plugins.faults:hangs", "timeout_s": 2, "retries": 1},
+            r"reward server 'tests.plugins.faults:hangs'.*timed out after 2s on 2 tries",
+        ),
+    ],
+)
+def test_failing_reward_fails_the_step_naming_the_reward(tmp_path, reward, message):
+    trainer = RayTrainer(_cfg(tmp_path, reward=reward), tmp_path / "run")
+    with pytest.raises(RewardServerError, match=message):
+        trainer.run()
+    client = MlflowClient(tracking_uri=trainer.tracker.tracking_uri)
+    assert client.get_run(trainer.tracker.run_id).info.status == "FAILED"
+
+
+def test_reward_runs_in_its_own_runtime_env(tmp_path):
+    cfg = _cfg(tmp_path, reward={
+        "name": "tests.plugins.faults:env_value", "runtime_env": {"env_vars": {"RLFLOW_TEST_VALUE": "0.25"}},
+    })
+    trainer = RayTrainer(cfg, tmp_path / "run")
+    try:
+        metrics = trainer.train_step()
+        assert metrics["reward/mean"] == pytest.approx(0.25)
+    finally:
+        trainer.shutdown()
+
+
+def test_dead_learner_leaves_a_checkpoint_that_resume_continues(tmp_path):
+    reward = {"name": "tests.plugins.faults:kill_learner_once",
+              "kwargs": {"marker": str(tmp_path / "kill"), "calls_before": 4}}  # 2 chunks/step: dies in step 3
+    cfg = _cfg(tmp_path, reward=reward, train={**TINY["train"], "steps": 4})
+    trainer = RayTrainer(cfg, tmp_path / "run")
+    with pytest.raises(LearnerError, match=r"step_000002.*rlflow train --resume"):
+        trainer.run()
+    resumed = RayTrainer(cfg, tmp_path / "run")
+    assert resumed.state.step == 2
+    summary = resumed.run()
+    assert summary["steps"] == 4
+    assert _history(resumed, "train/policy_version") == [1.0, 2.0, 3.0, 4.0]
+
+
+def test_placement_plans_and_infeasible_resources(tmp_path):
+    cfg = _cfg(tmp_path, ray={"num_samplers": 2, "num_learners": 1, "sampler": {"num_cpus": 1, "num_gpus": 0.5},
+                              "learner": {"num_cpus": 1, "num_gpus": 0.5}})
+    co = plan(cfg.ray)
+    assert co.bundles == [{"CPU": 2.0, "GPU": 1.0}, {"CPU": 1.0, "GPU": 0.5}]
+    assert co.sampler == [0, 1] and co.learner == [0]
+    dis = plan(cfg.ray.model_copy(update={"placement": "disaggregated"}))
+    assert dis.bundles == [{"CPU": 1.0, "GPU": 0.5}] * 3 and dis.learner == [2]
+    with pytest.raises(ConfigError, match="GPU: needs 1.5, cluster has 0"):
+        Placement(cfg.ray, name="too-big")

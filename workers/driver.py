@@ -1,0 +1,392 @@
+"""The Ray driver: the training loop as named stages over actors.
+
+    rollout   the step's batch is cut into chunks spread over the sampler actors
+    score     each finished chunk goes to the reward pool at once, so scoring overlaps sampling
+    advantages  group advantages on the driver (rewards are small)
+    update    every learner rank reads the chunks from the object store; gradients are all-reduced
+    sync      rank 0 publishes its weights (one object-store entry); every sampler loads them
+    log / checkpoint   MLflow metrics, image grids, resumable checkpoints (rlflow.run.RunRecorder)
+
+With ``ray.pipeline: one_step_off`` the rollout of step k+1 is launched before the update of step k and
+runs with the weights of version k (policy lag 1, logged); the learner replays DPPO's anchors at the
+rollout's version from a LoRA snapshot, so the trust region is measured against the policy that sampled.
+Trajectories never pass through the driver: it holds object references and fetches only small statuses,
+rewards and evaluation images.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+from ray.exceptions import RayActorError
+
+from rlflow import builders
+from rlflow.algos import group_advantages
+from rlflow.config import Config
+from rlflow.run import RunRecorder, StepBatch, StepTimes, step_batch, step_seed
+from rlflow.sampler import choose_sde_steps, chunks
+from rlflow.types import RewardOutput
+from workers.learner import LearnerError, LearnerGroup
+from workers.messages import ChunkStatus, array_to_tensor, concat_rewards
+from workers.placement import Placement
+from workers.reward_server import RewardPool
+from workers.runtime import ActorGone, await_alive
+from workers.sampler import SamplerActor
+
+
+class SamplerError(RuntimeError):
+    """Rollout chunks could not be produced (sampler actors kept dying or raised)."""
+
+
+@dataclass
+class _Chunk:
+    index: int
+    span: slice
+    sampler: int
+    refs: tuple[Any, Any, Any] = (None, None, None)  # packed trajectories, images, ChunkStatus
+    status: ChunkStatus | None = None
+    attempts: int = 0
+
+
+@dataclass
+class _Rollout:
+    """One step's rollout in flight."""
+
+    step: int
+    version: int
+    batch: StepBatch
+    seed: int
+    trained: list[int]
+    chunks: list[_Chunk]
+    launched: float = field(default_factory=time.perf_counter)
+    chunks_done: float = 0.0
+    redone: int = 0
+
+    def open_status_refs(self) -> list[Any]:
+        return [c.refs[2] for c in self.chunks if c.status is None]
+
+
+class RayTrainer:
+    """Runs (or resumes) one training run in ``run_dir`` on the connected Ray cluster."""
+
+    def __init__(
+        self, cfg: Config, run_dir: Path, *, tags: dict[str, str] | None = None, run_id: str | None = None,
+    ):
+        self.cfg = cfg
+        self.task = builders.build_task(cfg.data)
+        self.settings = builders.sampler_settings(cfg.sampling)
+        self.prefix = f"rlflow-{uuid.uuid4().hex[:8]}"
+        self.placement = Placement(cfg.ray, name=self.prefix)
+        self.samplers: list[Any] = []
+        self.learners: LearnerGroup | None = None
+        self.rewards: RewardPool | None = None
+        try:
+            self._start_actors()
+            self.rec = RunRecorder(cfg, run_dir, tags=tags, run_id=run_id)
+        except BaseException:
+            self.shutdown()
+            raise
+        self.rec.tracker.set_tags(_cluster_tags())
+        if self.rec.resume is not None:
+            lora, optim = self.rec.resume
+            self._learners().load_state_dict(lora, optim, self.rec.state.policy_version)
+        self.weights: dict[int, Any] = {}
+        self._pending: _Rollout | None = None
+        self.stage_sync(wait=True)
+
+    def _learners(self) -> LearnerGroup:
+        if self.learners is None:
+            raise RuntimeError("the learner group is shut down")
+        return self.learners
+
+    def _start_actors(self) -> None:
+        cfg, threads = self.cfg, self.cfg.train.threads
+        raw = cfg.model_dump(mode="json")
+        self.rewards = RewardPool(
+            cfg.reward, name_prefix=self.prefix, threads=threads, reserved=self.placement.plan.total()
+        )
+        res = cfg.ray.sampler
+        self.samplers = [
+            SamplerActor.options(  # type: ignore[attr-defined]
+                name=f"{self.prefix}-sampler-{i}", num_cpus=res.num_cpus, num_gpus=res.num_gpus,
+                max_restarts=cfg.ray.max_restarts, max_task_retries=0,
+                scheduling_strategy=self.placement.strategy("sampler", i),
+            ).remote(raw, i, threads)
+            for i in range(cfg.ray.num_samplers)
+        ]
+        self.learners = LearnerGroup(cfg, self.placement, name_prefix=self.prefix, threads=threads)
+        try:
+            ray.get([s.pid.remote() for s in self.samplers])
+        except RayActorError as err:
+            raise SamplerError(f"sampler actors could not start: {err}") from None
+        self.rewards.ready()
+
+    # ---- properties shared with the in-process Trainer
+    @property
+    def state(self):  # type: ignore[no-untyped-def]
+        return self.rec.state
+
+    @property
+    def tracker(self):  # type: ignore[no-untyped-def]
+        return self.rec.tracker
+
+    @property
+    def run_dir(self) -> Path:
+        return self.rec.run_dir
+
+    @property
+    def resumed_from(self) -> Path | None:
+        return self.rec.resumed_from
+
+    # ---- stage: rollout ---------------------------------------------------------------------------
+    def stage_rollout(self, step: int) -> _Rollout:
+        """Launch step ``step``'s chunks; returns at once (collect with :meth:`stage_score`)."""
+        batch = step_batch(self.cfg, self.task, step)
+        seed = step_seed(self.cfg.seed, step, 1)
+        spans = chunks(len(batch.prompts), self.settings.chunk_size)
+        ns = len(self.samplers)
+        roll = _Rollout(
+            step=step, version=self.state.policy_version, batch=batch, seed=seed,
+            trained=choose_sde_steps(seed, self.settings),
+            chunks=[_Chunk(i, sl, sampler=i % ns) for i, sl in enumerate(spans)],
+        )
+        for c in roll.chunks:
+            self._submit_chunk(roll, c)
+        return roll
+
+    def _submit_chunk(self, roll: _Rollout, c: _Chunk) -> None:
+        sl = c.span
+        c.refs = tuple(self.samplers[c.sampler].rollout.options(num_returns=3).remote(
+            roll.batch.prompts[sl], roll.batch.group_ids[sl].numpy(), roll.seed, roll.trained, sl.start,
+        ))
+
+    def _redo_chunk(self, roll: _Rollout, c: _Chunk, why: str) -> None:
+        """A chunk lost with its sampler (or made with the wrong weights) is redone, bit for bit, after the
+        sampler is given the rollout's weights again."""
+        c.attempts += 1
+        roll.redone += 1
+        if c.attempts > self.cfg.ray.max_chunk_retries:
+            raise SamplerError(
+                f"step {roll.step}: rollout chunk {c.index} failed {c.attempts} times (last: {why}); "
+                f"ray.max_chunk_retries={self.cfg.ray.max_chunk_retries}"
+            )
+        c.sampler = (c.sampler + 1) % len(self.samplers) if len(self.samplers) > 1 else c.sampler
+        actor = self.samplers[c.sampler]
+        try:
+            await_alive(actor, f"sampler {c.sampler}")
+        except ActorGone as err:
+            raise SamplerError(f"step {roll.step}: rollout chunk {c.index} lost: {err}") from None
+        actor.set_weights.remote(self.weights[roll.version])
+        self._submit_chunk(roll, c)
+        latest = max(self.weights)
+        if latest != roll.version:
+            actor.set_weights.remote(self.weights[latest])
+
+    def _poll_rollout(self, roll: _Rollout) -> None:
+        """Note finished chunks, send them to the reward pool, redo lost ones."""
+        refs = roll.open_status_refs()
+        done = set(ray.wait(refs, num_returns=len(refs), timeout=0)[0]) if refs else set()
+        for c in roll.chunks:
+            if c.status is not None or c.refs[2] not in done:
+                continue
+            try:
+                status: ChunkStatus = ray.get(c.refs[2])
+            except RayActorError as err:
+                self._redo_chunk(roll, c, f"sampler {c.sampler} died: {type(err).__name__}")
+                continue
+            if status.policy_version != roll.version:
+                self._redo_chunk(roll, c, f"sampler {c.sampler} had weights v{status.policy_version}, not v{roll.version}")
+                continue
+            c.status = status
+            self.rewards.submit((roll.step, c.index), c.refs[1], roll.batch.prompts[c.span])  # type: ignore[union-attr]
+        if not roll.open_status_refs() and not roll.chunks_done:
+            roll.chunks_done = time.perf_counter()
+        self.rewards.poll()  # type: ignore[union-attr]
+
+    def _wait(self, roll: _Rollout | None, until: Callable[[], list[Any]]) -> None:
+        """Block until ``until()`` returns no references, meanwhile keeping ``roll`` moving."""
+        while True:
+            if roll is not None:
+                self._poll_rollout(roll)
+            refs = until()
+            if not refs:
+                return
+            extra = (roll.open_status_refs() if roll else []) + self.rewards.pending_refs()  # type: ignore[union-attr]
+            deadline = self.rewards.next_deadline()  # type: ignore[union-attr]
+            timeout = 1.0 if deadline is None else max(0.0, min(1.0, deadline - time.monotonic()))
+            ray.wait(list(dict.fromkeys(refs + extra)), num_returns=1, timeout=timeout)
+
+    # ---- stage: score -----------------------------------------------------------------------------
+    def stage_score(self, roll: _Rollout) -> tuple[list[Any], RewardOutput, float]:
+        """Wait for the rollout and its scores: ``(chunk refs in batch order, rewards, reward wait seconds)``."""
+        pool = self.rewards
+        assert pool is not None
+
+        def missing() -> list[Any]:
+            return roll.open_status_refs() or pool.pending_refs()
+
+        self._wait(roll, missing)
+        rewards = concat_rewards([pool.pop((roll.step, c.index)) for c in roll.chunks])
+        return [c.refs[0] for c in roll.chunks], rewards, time.perf_counter() - roll.chunks_done
+
+    # ---- stages: advantages, update, sync -----------------------------------------------------------
+    def stage_advantages(self, rewards: RewardOutput, batch: StepBatch) -> torch.Tensor:
+        return group_advantages(rewards.score, batch.group_ids, global_std=self.cfg.algo.global_std)
+
+    def stage_update(self, chunk_refs: list[Any], adv: torch.Tensor, step: int, overlap: _Rollout | None) -> dict[str, float]:
+        assert self.learners is not None
+        refs = self.learners.update(chunk_refs, adv.numpy(), step_seed(self.cfg.seed, step, 2))
+        self._wait(overlap, lambda: _not_ready(refs))
+        stats = self.learners.finish_update(refs, step)
+        self.state.policy_version += 1
+        return stats
+
+    def stage_sync(self, *, wait: bool = False) -> None:
+        """Rank 0 publishes version ``policy_version``; every sampler loads it after its queued rollouts."""
+        assert self.learners is not None
+        version = self.state.policy_version
+        ref = self.learners.publish(self.cfg.ray.weight_sync)
+        self.weights[version] = ref
+        for v in [v for v in self.weights if v < version - 1]:
+            del self.weights[v]
+        acks = [s.set_weights.remote(ref) for s in self.samplers]
+        if wait:
+            got = ray.get(acks)
+            if got != [version] * len(self.samplers):
+                raise SamplerError(f"weight sync to version {version} failed: samplers report {got}")
+
+    def stage_checkpoint(self) -> Path:
+        assert self.learners is not None
+        state = self.learners.state_dict()
+        return self.rec.checkpoint(state["lora"], state["optimizer"])
+
+    # ---- evaluation ---------------------------------------------------------------------------------
+    def sample(self, prompts: list[str], seeds: list[int]) -> torch.Tensor:
+        """Deterministic eval samples, chunks spread over the samplers (the latest synced weights)."""
+        spans = chunks(len(prompts), self.settings.chunk_size)
+        out: list[np.ndarray | None] = [None] * len(spans)
+        for attempt in range(self.cfg.ray.max_chunk_retries + 1):
+            todo = [i for i, o in enumerate(out) if o is None]
+            refs = {i: self.samplers[(i + attempt) % len(self.samplers)].sample.remote(
+                prompts[spans[i]], seeds[spans[i]], self.cfg.train.eval_steps) for i in todo}
+            for i, ref in refs.items():
+                try:
+                    out[i] = ray.get(ref)
+                except RayActorError:
+                    await_alive(self.samplers[(i + attempt) % len(self.samplers)], "sampler")
+                    self._resync_all()
+            if all(o is not None for o in out):
+                return torch.cat([array_to_tensor(o) for o in out if o is not None])
+        raise SamplerError("evaluation sampling failed: sampler actors kept dying")
+
+    def _resync_all(self) -> None:
+        latest = max(self.weights)
+        for s in self.samplers:
+            s.set_weights.remote(self.weights[latest])
+
+    def evaluate(self) -> dict[str, float]:
+        prompts, seeds = self.task.eval_set()
+        return self.task.eval_metrics(self.sample(prompts, seeds), prompts, self._pool_reward)
+
+    def _pool_reward(self, images: torch.Tensor, prompts: list[str]) -> RewardOutput:
+        assert self.rewards is not None
+        return self.rewards.score([(("eval", uuid.uuid4().hex), ray.put(images.numpy()), prompts)])[0]
+
+    # ---- loop ---------------------------------------------------------------------------------------
+    def run(self, progress: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, Any]:
+        """Train until ``train.steps``; returns the summary. Actors are shut down at the end."""
+        start = time.time()
+        try:
+            if self.state.step == 0:
+                self.rec.log_start(self.evaluate())
+                self.rec.log_images(self.task, self.sample, 0)
+            while self.state.step < self.cfg.train.steps:
+                metrics = self.train_step()
+                if progress:
+                    progress(self.state.step, metrics)
+            return self.rec.finish(time.time() - start)
+        except LearnerError as err:
+            self.tracker.finish("FAILED")
+            raise LearnerError(f"{err}; {self._resume_hint()}") from None
+        except Exception:
+            self.tracker.finish("FAILED")
+            raise
+        except BaseException:
+            self.tracker.finish("KILLED")
+            raise
+        finally:
+            self.shutdown()
+
+    def _resume_hint(self) -> str:
+        from rlflow.checkpoint import latest_checkpoint
+
+        ckpt = latest_checkpoint(self.run_dir)
+        where = f"the last checkpoint is {ckpt.name}" if ckpt else "no checkpoint was written yet"
+        return f"{where}; continue with: rlflow train --resume {self.run_dir}"
+
+    def train_step(self) -> dict[str, float]:
+        cfg, step = self.cfg, self.state.step
+        t0 = time.perf_counter()
+        roll = self._pending or self.stage_rollout(step)
+        self._pending = None
+        chunk_refs, rewards, reward_wait = self.stage_score(roll)
+        t1 = time.perf_counter()
+        if cfg.ray.pipeline == "one_step_off" and step + 1 < cfg.train.steps:
+            self._pending = self.stage_rollout(step + 1)
+        adv = self.stage_advantages(rewards, roll.batch)
+        stats = self.stage_update(chunk_refs, adv, step, self._pending)
+        t2 = time.perf_counter()
+        self.stage_sync()
+        t3 = time.perf_counter()
+        self.state.step = step + 1
+        times = StepTimes(rollout=roll.chunks_done - roll.launched, reward=reward_wait, update=t2 - t1, sync=t3 - t2)
+        metrics = self.rec.step_metrics(rewards, stats, roll.version, len(roll.batch.prompts), times)
+        metrics.update({"time/wait_rollout": t1 - t0, "faults/chunks_redone": float(roll.redone)})
+        self._after_step(metrics, t0)
+        return metrics
+
+    def _after_step(self, metrics: dict[str, float], t0: float) -> None:
+        cfg = self.cfg
+        if self.rec.due(cfg.train.eval_every) or self.state.step == cfg.train.steps:
+            te = time.perf_counter()
+            metrics.update({f"eval/{k}": v for k, v in self.evaluate().items()})
+            metrics["time/eval"] = time.perf_counter() - te
+        metrics["time/step"] = time.perf_counter() - t0
+        self.rec.log_step(metrics)
+        if self.rec.due(cfg.train.log_images_every):
+            self.rec.log_images(self.task, self.sample, self.state.step)
+        if self.rec.due(cfg.train.checkpoint_every) or self.state.step == cfg.train.steps:
+            self.stage_checkpoint()
+
+    def shutdown(self) -> None:
+        """Kill the actors and release the placement group (idempotent)."""
+        for a in self.samplers:
+            ray.kill(a, no_restart=True)
+        self.samplers = []
+        if self.learners is not None:
+            self.learners.shutdown()
+            self.learners = None
+        if self.rewards is not None:
+            self.rewards.shutdown()
+            self.rewards = None
+        if self.placement is not None:
+            self.placement.remove()
+            self.placement = None  # type: ignore[assignment]
+
+
+def _not_ready(refs: list[Any]) -> list[Any]:
+    done = set(ray.wait(refs, num_returns=len(refs), timeout=0)[0])
+    return [r for r in refs if r not in done]
+
+
+def _cluster_tags() -> dict[str, str]:
+    ctx = ray.get_runtime_context()
+    return {"rlflow.runtime": "ray", "rlflow.ray_gcs_address": ctx.gcs_address}

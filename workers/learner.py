@@ -1,0 +1,164 @@
+"""The learner group: N Ray actors, one :class:`rlflow.learner.Learner` each, forming one torch.distributed
+process group (gloo on CPU, NCCL on GPU). Every rank reads the whole batch from the object store, replays its
+share of the chunks, and the gradients are all-reduced, so the group takes the same optimizer steps as one
+process would on the whole batch. Rank 0 publishes weights and checkpoints.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from datetime import timedelta
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+import torch.distributed as dist
+
+from rlflow import builders
+from rlflow.config import Config, validate
+from rlflow.learner import Learner, StatState, merge_stats
+from workers.messages import (
+    WeightUpdate,
+    array_to_tensor,
+    concat_trajectories,
+    state_to_update,
+    unpack_trajectories,
+)
+from workers.placement import Placement
+from workers.weight_sync import weight_state, weights_digest
+
+
+class LearnerError(RuntimeError):
+    """A learner rank failed: the step is lost; the last checkpoint is intact and ``--resume`` continues it."""
+
+
+class LearnerWorker:
+    """One rank. Call :meth:`join` on every rank (concurrently) before :meth:`update`."""
+
+    def __init__(self, cfg: dict[str, Any], rank: int, world_size: int, threads: int = 0):
+        torch.set_num_threads(threads or os.cpu_count() or 1)
+        self.cfg: Config = validate(cfg)
+        self.rank, self.world_size = rank, world_size
+        self.policy = builders.build_policy(self.cfg.model, self.cfg.seed)
+        self.policy.set_resolution(self.cfg.sampling.height, self.cfg.sampling.width)
+        self.learner = Learner(
+            self.policy, builders.build_algo(self.cfg.algo), builders.learner_settings(self.cfg.train, self.cfg.sampling),
+            builders.step_settings(self.cfg.sampling), rank=rank, world_size=world_size,
+        )
+
+    @staticmethod
+    def address() -> tuple[str, int]:
+        """This node's IP and a free TCP port (rank 0 hosts the rendezvous)."""
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        return ray.util.get_node_ip_address(), port
+
+    def join(self, master: str, port: int, backend: str) -> int:
+        if self.world_size > 1:
+            dist.init_process_group(
+                backend, init_method=f"tcp://{master}:{port}", rank=self.rank, world_size=self.world_size,
+                timeout=timedelta(minutes=10),
+            )
+        return self.rank
+
+    def update(self, chunks: list[Any], adv: np.ndarray, seed: int) -> StatState:
+        """One update on the step's batch (``chunks``: ObjectRefs of packed trajectories, in batch order)."""
+        traj = concat_trajectories([unpack_trajectories(c) for c in ray.get(chunks)])
+        self.policy.transformer.train()
+        try:
+            return self.learner.update_raw(traj, array_to_tensor(adv), seed=seed)
+        finally:
+            self.policy.transformer.eval()
+
+    def gradient(self, chunks: list[Any], adv: np.ndarray) -> np.ndarray:
+        """The all-reduced gradient of the whole batch's loss (one mini-batch, no optimizer step)."""
+        traj = concat_trajectories([unpack_trajectories(c) for c in ray.get(chunks)])
+        return self.learner.gradient(traj, array_to_tensor(adv)).numpy()
+
+    def publish(self, kind: str) -> list[Any]:
+        """Put this rank's weights in the object store; returns ``[ref]`` (a list, so the driver gets the
+        reference, not the data)."""
+        update = state_to_update(weight_state(self.policy, kind), self.learner.version, kind)
+        return [ray.put(update)]
+
+    def version(self) -> int:
+        return self.learner.version
+
+    def digest(self) -> tuple[int, str]:
+        return self.learner.version, weights_digest(self.policy)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.learner.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.learner.load_state_dict(state)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+LearnerActor = ray.remote(LearnerWorker)
+
+
+class LearnerGroup:
+    """Driver-side handle of the ranks."""
+
+    def __init__(self, cfg: Config, placement: Placement, *, name_prefix: str, threads: int = 0):
+        raw = cfg.model_dump(mode="json")
+        n = cfg.ray.num_learners
+        res = cfg.ray.learner
+        self.actors = [
+            LearnerActor.options(  # type: ignore[attr-defined]
+                name=f"{name_prefix}-learner-{r}", num_cpus=res.num_cpus, num_gpus=res.num_gpus, max_restarts=0,
+                scheduling_strategy=placement.strategy("learner", r),
+            ).remote(raw, r, n, threads)
+            for r in range(n)
+        ]
+        backend = cfg.ray.backend if cfg.ray.backend != "auto" else ("nccl" if res.num_gpus > 0 else "gloo")
+        master, port = self._call(self.actors[0].address.remote(), "start")
+        self._call([a.join.remote(master, port, backend) for a in self.actors], "join the process group")
+
+    def _call(self, refs: Any, what: str) -> Any:
+        try:
+            return ray.get(refs)
+        except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as err:
+            raise LearnerError(f"learner group failed to {what}: {_short(err)}") from None
+
+    def update(self, chunk_refs: list[Any], adv: np.ndarray, seed: int) -> list[Any]:
+        """Start the update on every rank; returns the refs (wait with :meth:`finish_update`)."""
+        return [a.update.remote(chunk_refs, adv, seed) for a in self.actors]
+
+    def finish_update(self, refs: list[Any], step: int) -> dict[str, float]:
+        return merge_stats(self._call(refs, f"update at step {step}"))
+
+    def gradient(self, chunk_refs: list[Any], adv: np.ndarray) -> list[np.ndarray]:
+        return self._call([a.gradient.remote(chunk_refs, adv) for a in self.actors], "compute gradients")
+
+    def publish(self, kind: str) -> Any:
+        """The ObjectRef of rank 0's :class:`WeightUpdate` (the data stays in the object store)."""
+        return self._call(self.actors[0].publish.remote(kind), "publish weights")[0]
+
+    def state_dict(self) -> dict[str, Any]:
+        return self._call(self.actors[0].state_dict.remote(), "save a checkpoint")
+
+    def load_state_dict(self, lora: dict[str, torch.Tensor], optimizer: dict[str, Any], version: int) -> None:
+        state = {"lora": lora, "optimizer": optimizer, "version": version}
+        self._call([a.load_state_dict.remote(state) for a in self.actors], "load the checkpoint")
+
+    def digests(self) -> list[tuple[int, str]]:
+        return self._call([a.digest.remote() for a in self.actors], "report weights")
+
+    def shutdown(self) -> None:
+        for a in self.actors:
+            ray.kill(a, no_restart=True)
+
+
+def _short(err: Exception) -> str:
+    cause = getattr(err, "cause", None)
+    return f"{type(cause).__name__}: {cause}" if cause is not None else str(err).strip().splitlines()[-1]
+
+
+__all__ = ["LearnerError", "LearnerGroup", "LearnerWorker", "WeightUpdate"]

@@ -1,0 +1,90 @@
+"""Placement of samplers and learners through one Ray placement group.
+
+colocated:      bundle i holds sampler i and learner i (they share a node, and a GPU when each asks for a
+                fraction of one): the layout of a single-node run where rollout and update alternate.
+disaggregated:  one bundle per sampler, then one per learner: separate pools that can run at the same time
+                (the one-step-off pipeline's layout on a cluster).
+Reward servers are not in the group: they get their own resources (``reward.num_cpus`` / ``num_gpus``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from rlflow.config import ConfigError, RayConfig
+
+
+@dataclass(frozen=True)
+class PlacementPlan:
+    """``bundles``: the resource dicts; ``sampler[i]`` / ``learner[r]``: the bundle index of each actor."""
+
+    bundles: list[dict[str, float]]
+    sampler: list[int]
+    learner: list[int]
+
+    def total(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for b in self.bundles:
+            for k, v in b.items():
+                out[k] = out.get(k, 0.0) + v
+        return out
+
+
+def _res(num_cpus: float, num_gpus: float) -> dict[str, float]:
+    return {k: v for k, v in (("CPU", num_cpus), ("GPU", num_gpus)) if v > 0}
+
+
+def plan(cfg: RayConfig) -> PlacementPlan:
+    s, lr = _res(cfg.sampler.num_cpus, cfg.sampler.num_gpus), _res(cfg.learner.num_cpus, cfg.learner.num_gpus)
+    ns, nl = cfg.num_samplers, cfg.num_learners
+    if cfg.placement == "colocated":
+        bundles = []
+        for i in range(max(ns, nl)):
+            b: dict[str, float] = {}
+            for part, n in ((s, ns), (lr, nl)):
+                if i < n:
+                    for k, v in part.items():
+                        b[k] = b.get(k, 0.0) + v
+            bundles.append(b or {"CPU": 0.01})
+        return PlacementPlan(bundles, list(range(ns)), list(range(nl)))
+    bundles = [s or {"CPU": 0.01} for _ in range(ns)] + [lr or {"CPU": 0.01} for _ in range(nl)]
+    return PlacementPlan(bundles, list(range(ns)), list(range(ns, ns + nl)))
+
+
+class Placement:
+    """The reserved placement group; :meth:`strategy` places an actor in its bundle."""
+
+    def __init__(self, cfg: RayConfig, *, name: str, timeout: float = 120.0):
+        self.plan = plan(cfg)
+        need, have = self.plan.total(), ray.cluster_resources()
+        short = {k: (v, have.get(k, 0.0)) for k, v in need.items() if v > have.get(k, 0.0) + 1e-9}
+        if short:
+            detail = ", ".join(f"{k}: needs {v:g}, cluster has {h:g}" for k, (v, h) in short.items())
+            raise ConfigError(
+                f"ray: the {cfg.placement} placement of {cfg.num_samplers} sampler(s) and {cfg.num_learners} "
+                f"learner(s) does not fit the cluster ({detail}); lower ray.sampler / ray.learner resources "
+                "or the actor counts"
+            )
+        self.group: PlacementGroup = placement_group(self.plan.bundles, strategy="PACK", name=name)
+        ready, _ = ray.wait([self.group.ready()], timeout=timeout)
+        if not ready:
+            remove_placement_group(self.group)
+            raise ConfigError(
+                f"ray: the placement group {self.plan.bundles} was not scheduled within {timeout:g}s "
+                "(resources held by other jobs?)"
+            )
+
+    def strategy(self, role: str, index: int) -> Any:
+        bundle = (self.plan.sampler if role == "sampler" else self.plan.learner)[index]
+        return PlacementGroupSchedulingStrategy(
+            placement_group=self.group, placement_group_bundle_index=bundle,
+            placement_group_capture_child_tasks=False,
+        )
+
+    def remove(self) -> None:
+        remove_placement_group(self.group)

@@ -1,0 +1,73 @@
+"""Sampler actors: a thin Ray wrapper around :class:`rlflow.sampler.Sampler`.
+
+Each actor loads the policy from the run config, takes weight updates from learner rank 0 (tagged with a
+policy version) and rolls out chunks of a step's batch. Per-sample noise streams make a chunk's result
+independent of which actor runs it, so a chunk lost with a dead actor is redone bit for bit elsewhere.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+
+from rlflow import builders
+from rlflow.config import validate
+from rlflow.sampler import Sampler
+from workers.messages import ChunkStatus, WeightUpdate, pack, tensor_to_array, update_to_state
+from workers.weight_sync import apply_update, weights_digest
+
+
+class SamplerWorker:
+    """One sampler process. ``index`` names it in statuses; ``threads``: torch CPU threads (0 = all cores)."""
+
+    def __init__(self, cfg: dict[str, Any], index: int, threads: int = 0):
+        torch.set_num_threads(threads or os.cpu_count() or 1)
+        self.cfg = validate(cfg)
+        self.index = index
+        self.policy = builders.build_policy(self.cfg.model, self.cfg.seed)
+        self.sampler = Sampler(self.policy, builders.sampler_settings(self.cfg.sampling))
+        self.version = 0
+
+    def set_weights(self, update: WeightUpdate) -> int:
+        """Load published weights; returns the version now in use."""
+        apply_update(self.policy, update_to_state(update), update.kind)
+        self.version = update.version
+        return self.version
+
+    def rollout(
+        self, prompts: list[str], group_ids: np.ndarray, seed: int, trained: list[int], offset: int
+    ) -> tuple[dict[str, Any], np.ndarray, ChunkStatus]:
+        """One chunk: ``(packed Trajectories, images [B, 3, H, W], status)`` (three object-store entries)."""
+        t0 = time.perf_counter()
+        traj = self.sampler.rollout(
+            prompts, torch.from_numpy(np.array(group_ids, copy=True)), seed=seed, policy_version=self.version,
+            trained=trained, offset=offset,
+        )
+        status = ChunkStatus(self.index, self.version, len(prompts), time.perf_counter() - t0)
+        return pack(traj), tensor_to_array(traj.images)[0], status
+
+    def sample(self, prompts: list[str], seeds: list[int], num_steps: int) -> np.ndarray:
+        """Deterministic ODE samples (evaluation), ``[B, 3, H, W]`` in ``[0, 1]``."""
+        return tensor_to_array(self.sampler.sample(prompts, seeds, num_steps=num_steps))[0]
+
+    def digest(self) -> tuple[int, str]:
+        """``(version, hash of the trainable weights)``: checks that a sync reached this actor."""
+        return self.version, weights_digest(self.policy)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+@ray.remote(concurrency_groups={"control": 1})
+class SamplerActor(SamplerWorker):
+    """The actor: health checks run in their own concurrency group, so they answer during a rollout
+    (rollouts and weight updates stay serial, in submission order, in the default group)."""
+
+    @ray.method(concurrency_group="control")
+    def pid(self) -> int:
+        return os.getpid()
