@@ -21,7 +21,7 @@ from rlflow.config import ConfigError
 from rlflow.types import RewardFn, RewardOutput, check_finite_reward
 
 _REGISTRY: dict[str, Any] = {}
-_BUILTIN_MODULES = ("rewards.shapes",)
+_BUILTIN_MODULES = ("rewards.shapes", "rewards.synthetic")
 
 
 def register(name: str) -> Callable[[Any], Any]:

@@ -139,8 +139,10 @@ class RayConfig(_Section):
     placement: Literal["colocated", "disaggregated"] = Field(
         "colocated", description="colocated: sampler i and learner i share a bundle (GPU); disaggregated: separate pools"
     )
-    pipeline: Literal["sync", "one_step_off"] = Field(
-        "sync", description="one_step_off: rollout of step k+1 overlaps the update of step k (policy lag 1)"
+    pipeline: Literal["sequential", "sync", "one_step_off"] = Field(
+        "sync",
+        description="sequential: score after the whole rollout; sync: each finished chunk is scored while the "
+        "next one samples; one_step_off: also the rollout of step k+1 overlaps the update of step k (lag 1)",
     )
     sampler: Resources = Resources()
     learner: Resources = Resources()

@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from rlflow.config import apply_overrides, validate
+from workers.placement import plan
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -312,10 +313,19 @@ def test_configmap_config_is_the_repo_config_and_validates():
     assert cfg.tracking.tracking_uri == TRACKING_URI
 
 
-def test_a_cuda_job_reserves_a_gpu_for_its_driver():
+def test_a_cuda_job_puts_its_gpus_on_actors_that_fit_the_cluster():
     cfg = validate(job_config())
-    if cfg.model.device.startswith("cuda"):
-        assert rayjob()["spec"].get("entrypointNumGpus", 0) >= 1, "the driver would land on the CPU head"
+    assert cfg.model.device.startswith("cuda")
+    assert cfg.ray.sampler.num_gpus > 0 and cfg.ray.learner.num_gpus > 0, "actors would load CUDA models on no GPU"
+    assert rayjob()["spec"].get("entrypointNumGpus", 0) == 0, "the driver holds no model"
+    need = plan(cfg.ray).total().get("GPU", 0.0) + cfg.reward.num_gpus * cfg.reward.replicas
+    spec = rayjob()["spec"]["rayClusterSpec"]
+    have = sum(
+        int(g["maxReplicas"]) * int(g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu", 0))
+        for g in spec["workerGroupSpecs"]
+    )
+    assert 0 < need <= have, f"the config needs {need} GPUs, the cluster has at most {have}"
+    assert all(b.get("GPU", 0) <= 1 for b in plan(cfg.ray).bundles), "a bundle must fit one single-GPU pod"
 
 
 # ----------------------------------------------------------------------------- MLflow

@@ -54,3 +54,17 @@ def test_color_coverage_reward_hand_values():
     red_pixels = int((img[0] > 0.5).sum())
     assert out.score[0].item() == pytest.approx(red_pixels / 1024)
     assert out.score[1].item() == 0.0
+
+
+def test_slow_judge_delays_the_inner_reward():
+    import time
+
+    imgs = _images()
+    fast = build_reward("tests.plugins.my_rewards:brightness")(imgs, ["a"] * 3)
+    slow = build_reward("slow_judge", {"seconds_per_batch": 0.2, "inner": "tests.plugins.my_rewards:brightness"})
+    t0 = time.perf_counter()
+    out = slow(imgs, ["a"] * 3)
+    assert time.perf_counter() - t0 >= 0.2
+    assert torch.equal(out.score, fast.score)
+    with pytest.raises(ValueError, match="seconds_per_batch must be >= 0"):
+        build_reward("slow_judge", {"seconds_per_batch": -1})

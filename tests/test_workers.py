@@ -61,25 +61,25 @@ def _history(trainer, key):
 
 
 def test_ray_pipeline_computes_the_in_process_run(tmp_path):
-    """Same config, same seeds: the actors produce the in-process loop's rewards and weights, bit for bit."""
+    """Same config, same seeds: the actors produce the in-process loop's rewards and weights, bit for bit,
+    whether each chunk is scored while the next samples (sync) or after the whole rollout (sequential)."""
+    from safetensors.torch import load_file
+
     cfg = _cfg(tmp_path)
     local = Trainer(cfg, build_reward(cfg.reward.name), tmp_path / "local")
     local.run()
-    remote = RayTrainer(cfg, tmp_path / "ray")
-    learners = remote.learners
-    summary = remote.run()
-    assert summary["steps"] == 3
-    assert _history(remote, "reward/mean") == _history(local, "reward/mean")
-    assert _history(remote, "train/kl_mean") == _history(local, "train/kl_mean")
-    assert _history(remote, "train/policy_lag") == [0.0, 0.0, 0.0]
     lora_local = local.learner.state_dict()["lora"]
-    ckpt = tmp_path / "ray" / "checkpoints" / "step_000003" / "lora.safetensors"
-    from safetensors.torch import load_file
-
-    lora_ray = load_file(str(ckpt))
-    assert set(lora_ray) == set(lora_local)
-    assert all(torch.equal(lora_ray[k], lora_local[k]) for k in lora_local)
-    assert learners is not None and remote.learners is None  # actors are shut down after the run
+    for pipeline in ("sync", "sequential"):
+        remote = RayTrainer(_cfg(tmp_path, ray={**TINY["ray"], "pipeline": pipeline}), tmp_path / pipeline)
+        summary = remote.run()
+        assert summary["steps"] == 3
+        assert _history(remote, "reward/mean") == _history(local, "reward/mean")
+        assert _history(remote, "train/kl_mean") == _history(local, "train/kl_mean")
+        assert _history(remote, "train/policy_lag") == [0.0, 0.0, 0.0]
+        lora_ray = load_file(str(tmp_path / pipeline / "checkpoints" / "step_000003" / "lora.safetensors"))
+        assert set(lora_ray) == set(lora_local)
+        assert all(torch.equal(lora_ray[k], lora_local[k]) for k in lora_local)
+        assert remote.learners is None and remote.samplers == []  # actors are shut down after the run
 
 
 def _batch(cfg, seed=3):

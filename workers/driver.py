@@ -206,10 +206,17 @@ class RayTrainer:
                 self._redo_chunk(roll, c, f"sampler {c.sampler} had weights v{status.policy_version}, not v{roll.version}")
                 continue
             c.status = status
-            self.rewards.submit((roll.step, c.index), c.refs[1], roll.batch.prompts[c.span])  # type: ignore[union-attr]
+            if self.cfg.ray.pipeline != "sequential":
+                self._score_chunk(roll, c)
         if not roll.open_status_refs() and not roll.chunks_done:
             roll.chunks_done = time.perf_counter()
+            if self.cfg.ray.pipeline == "sequential":
+                for c in roll.chunks:
+                    self._score_chunk(roll, c)
         self.rewards.poll()  # type: ignore[union-attr]
+
+    def _score_chunk(self, roll: _Rollout, c: _Chunk) -> None:
+        self.rewards.submit((roll.step, c.index), c.refs[1], roll.batch.prompts[c.span])  # type: ignore[union-attr]
 
     def _wait(self, roll: _Rollout | None, until: Callable[[], list[Any]]) -> None:
         """Block until ``until()`` returns no references, meanwhile keeping ``roll`` moving."""

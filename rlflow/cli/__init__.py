@@ -159,9 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--host", default="127.0.0.1")
     u.add_argument("--port", type=int, default=5000)
     u.set_defaults(func=cmd_ui)
-    from rlflow.cli import jobs_cmd
+    from rlflow.cli import bench_cmd, jobs_cmd
 
     jobs_cmd.register(sub)
+    bench_cmd.register(sub)
     return p
 
 
