@@ -157,6 +157,14 @@ def test_killed_sampler_is_restarted_and_its_chunk_redone(tmp_path):
     assert _history(faulty, "train/policy_version") == [1.0, 2.0, 3.0]
 
 
+def test_dead_reward_server_is_restarted_and_the_batch_rescored(tmp_path):
+    reward = {"name": "tests.plugins.faults:exits_once", "kwargs": {"marker": str(tmp_path / "exit")}}
+    trainer = RayTrainer(_cfg(tmp_path, reward=reward, train={**TINY["train"], "steps": 2}), tmp_path / "run")
+    summary = trainer.run()
+    assert (tmp_path / "exit").exists() and summary["steps"] == 2
+    assert len(_history(trainer, "reward/mean")) == 2
+
+
 @pytest.mark.parametrize(
     ("reward", "message"),
     [

@@ -38,7 +38,7 @@ from workers.learner import LearnerError, LearnerGroup
 from workers.messages import ChunkStatus, array_to_tensor, concat_rewards
 from workers.placement import Placement
 from workers.reward_server import RewardPool
-from workers.runtime import ActorGone, await_alive
+from workers.runtime import ActorGone, actor_threads, await_alive
 from workers.sampler import SamplerActor
 
 
@@ -108,10 +108,11 @@ class RayTrainer:
         return self.learners
 
     def _start_actors(self) -> None:
-        cfg, threads = self.cfg, self.cfg.train.threads
+        cfg = self.cfg
         raw = cfg.model_dump(mode="json")
         self.rewards = RewardPool(
-            cfg.reward, name_prefix=self.prefix, threads=threads, reserved=self.placement.plan.total()
+            cfg.reward, name_prefix=self.prefix, threads=actor_threads(cfg, cfg.reward.num_cpus),
+            reserved=self.placement.plan.total(),
         )
         res = cfg.ray.sampler
         self.samplers = [
@@ -119,10 +120,12 @@ class RayTrainer:
                 name=f"{self.prefix}-sampler-{i}", num_cpus=res.num_cpus, num_gpus=res.num_gpus,
                 max_restarts=cfg.ray.max_restarts, max_task_retries=0,
                 scheduling_strategy=self.placement.strategy("sampler", i),
-            ).remote(raw, i, threads)
+            ).remote(raw, i, actor_threads(cfg, res.num_cpus))
             for i in range(cfg.ray.num_samplers)
         ]
-        self.learners = LearnerGroup(cfg, self.placement, name_prefix=self.prefix, threads=threads)
+        self.learners = LearnerGroup(
+            cfg, self.placement, name_prefix=self.prefix, threads=actor_threads(cfg, cfg.ray.learner.num_cpus)
+        )
         try:
             ray.get([s.pid.remote() for s in self.samplers])
         except RayActorError as err:
@@ -233,7 +236,8 @@ class RayTrainer:
 
     # ---- stage: score -----------------------------------------------------------------------------
     def stage_score(self, roll: _Rollout) -> tuple[list[Any], RewardOutput, float]:
-        """Wait for the rollout and its scores: ``(chunk refs in batch order, rewards, reward wait seconds)``."""
+        """Wait for the rollout and its scores: ``(chunk refs in batch order, rewards, seconds from the last
+        chunk to the last score)``."""
         pool = self.rewards
         assert pool is not None
 
@@ -346,6 +350,7 @@ class RayTrainer:
         self._pending = None
         chunk_refs, rewards, reward_wait = self.stage_score(roll)
         t1 = time.perf_counter()
+        exposed = max(0.0, t1 - max(roll.chunks_done, t0))  # waited on scores alone: latency not hidden
         if cfg.ray.pipeline == "one_step_off" and step + 1 < cfg.train.steps:
             self._pending = self.stage_rollout(step + 1)
         adv = self.stage_advantages(rewards, roll.batch)
@@ -356,7 +361,14 @@ class RayTrainer:
         self.state.step = step + 1
         times = StepTimes(rollout=roll.chunks_done - roll.launched, reward=reward_wait, update=t2 - t1, sync=t3 - t2)
         metrics = self.rec.step_metrics(rewards, stats, roll.version, len(roll.batch.prompts), times)
-        metrics.update({"time/wait_rollout": t1 - t0, "faults/chunks_redone": float(roll.redone)})
+        busy = [0.0] * len(self.samplers)
+        for c in roll.chunks:
+            if c.status is not None:
+                busy[c.status.sampler] += c.status.seconds
+        metrics.update({
+            "time/wait_rollout": t1 - t0, "time/reward_exposed": exposed, "time/sampler_compute": max(busy),
+            "faults/chunks_redone": float(roll.redone),
+        })
         self._after_step(metrics, t0)
         return metrics
 

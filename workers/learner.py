@@ -38,7 +38,8 @@ class LearnerWorker:
     """One rank. Call :meth:`join` on every rank (concurrently) before :meth:`update`."""
 
     def __init__(self, cfg: dict[str, Any], rank: int, world_size: int, threads: int = 0):
-        torch.set_num_threads(threads or os.cpu_count() or 1)
+        self.threads = threads or os.cpu_count() or 1
+        torch.set_num_threads(self.threads)
         self.cfg: Config = validate(cfg)
         self.rank, self.world_size = rank, world_size
         self.policy = builders.build_policy(self.cfg.model, self.cfg.seed)
@@ -66,6 +67,7 @@ class LearnerWorker:
 
     def update(self, chunks: list[Any], adv: np.ndarray, seed: int) -> StatState:
         """One update on the step's batch (``chunks``: ObjectRefs of packed trajectories, in batch order)."""
+        torch.set_num_threads(self.threads)  # per calling thread: Ray may run methods off the init thread
         traj = concat_trajectories([unpack_trajectories(c) for c in ray.get(chunks)])
         self.policy.transformer.train()
         try:
@@ -75,6 +77,7 @@ class LearnerWorker:
 
     def gradient(self, chunks: list[Any], adv: np.ndarray) -> np.ndarray:
         """The all-reduced gradient of the whole batch's loss (one mini-batch, no optimizer step)."""
+        torch.set_num_threads(self.threads)
         traj = concat_trajectories([unpack_trajectories(c) for c in ray.get(chunks)])
         return self.learner.gradient(traj, array_to_tensor(adv)).numpy()
 

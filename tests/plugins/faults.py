@@ -59,3 +59,11 @@ def kill_learner_once(images, prompts, marker, calls_before=0):
     """Scores like shapes_geneval; on call ``calls_before + 1`` kills learner rank 0 for good."""
     _kill_once(marker, "-learner-0", calls_before, restart=False)
     return _geneval(images, prompts)
+
+
+def exits_once(images, prompts, marker):
+    """Scores like shapes_geneval, but its process dies on the first call (Ray restarts the reward actor)."""
+    if not Path(marker).exists():
+        Path(marker).write_text("exited")
+        os._exit(1)
+    return _geneval(images, prompts)
