@@ -80,6 +80,7 @@ class _Call:
     deadline: float = 0.0
     attempts: int = 0
     result: RewardOutput | None = None
+    pid: int | None = None  # the replica incarnation the call went to
 
 
 class RewardPool:
@@ -129,6 +130,7 @@ class RewardPool:
         actor = self.actors[call.replica]
         ahead = [c for c in self._calls.values() if c.replica == call.replica and c.result is None and c.ref is not None]
         call.ref = actor.score.remote(call.images, call.prompts)
+        call.pid = self._pids[call.replica]
         call.deadline = time.monotonic() + self.cfg.timeout_s * (1 + len(ahead))
 
     def pending_refs(self) -> list[Any]:
@@ -158,7 +160,7 @@ class RewardPool:
         except RayTaskError as err:
             raise RewardServerError(_cause(err)) from None
         except RayActorError:
-            self._await(call.replica)
+            self._await(call.replica, call.pid)
             self._retry(call, f"replica {call.replica} died")
 
     def _timeout(self, call: _Call) -> None:
@@ -166,16 +168,19 @@ class RewardPool:
         replica = call.replica
         ray.kill(self.actors[replica], no_restart=False)
         waiting = [c for c in self._calls.values() if c.replica == replica and c.result is None and c is not call]
-        self._await(replica)
+        self._await(replica, self._pids[replica])
         self._retry(call, f"timed out after {self.cfg.timeout_s:g}s")
         for other in waiting:
             self._dispatch(other)
 
-    def _await(self, replica: int) -> None:
-        """Wait for a new incarnation of a killed or dead replica (a ping could still reach the old one)."""
+    def _await(self, replica: int, dead_pid: int | None) -> None:
+        """Wait for an incarnation of ``replica`` other than the dead one (pid ``dead_pid``); returns at once
+        when a newer one is already known (several calls lost with one incarnation)."""
+        if self._pids[replica] != dead_pid:
+            return
         try:
             self._pids[replica] = await_alive(
-                self.actors[replica], f"reward server '{self.label}' replica {replica}", not_pid=self._pids[replica]
+                self.actors[replica], f"reward server '{self.label}' replica {replica}", not_pid=dead_pid
             )
         except ActorGone as err:
             raise RewardServerError(str(err)) from None
