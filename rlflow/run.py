@@ -6,10 +6,11 @@ checkpoints and the closing summary. It never touches a model: callers pass imag
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -162,3 +163,38 @@ class RunRecorder:
         }
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         return summary
+
+
+class TrainingLoop(Protocol):
+    """What :func:`run_loop` drives: the in-process Trainer and the Ray driver."""
+
+    cfg: Config
+    rec: RunRecorder
+    task: Any
+
+    def evaluate(self) -> dict[str, float]: ...
+
+    def sample(self, prompts: list[str], seeds: list[int]) -> torch.Tensor: ...
+
+    def train_step(self) -> dict[str, float]: ...
+
+
+def run_loop(loop: TrainingLoop, progress: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, Any]:
+    """Train until ``train.steps`` (first evaluating, on a fresh run); returns the summary. The MLflow run is
+    marked FAILED on an error and KILLED on Ctrl-C or SIGTERM; the last checkpoint stays resumable."""
+    rec, start = loop.rec, time.time()
+    try:
+        if rec.state.step == 0:
+            rec.log_start(loop.evaluate())
+            rec.log_images(loop.task, loop.sample, 0)
+        while rec.state.step < loop.cfg.train.steps:
+            metrics = loop.train_step()
+            if progress:
+                progress(rec.state.step, metrics)
+        return rec.finish(time.time() - start)
+    except Exception:
+        rec.tracker.finish("FAILED")
+        raise
+    except BaseException:
+        rec.tracker.finish("KILLED")
+        raise

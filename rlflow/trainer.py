@@ -18,7 +18,7 @@ from rlflow import builders
 from rlflow.algos import group_advantages
 from rlflow.config import Config
 from rlflow.learner import Learner
-from rlflow.run import RunRecorder, StepBatch, StepTimes, step_batch, step_seed
+from rlflow.run import RunRecorder, StepBatch, StepTimes, run_loop, step_batch, step_seed
 from rlflow.sampler import Sampler
 from rlflow.types import RewardFn, RewardOutput, Trajectories
 
@@ -91,30 +91,15 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         prompts, seeds = self.task.eval_set()
-        return self.task.eval_metrics(self._sample(prompts, seeds), prompts, self.reward)
+        return self.task.eval_metrics(self.sample(prompts, seeds), prompts, self.reward)
 
-    def _sample(self, prompts: list[str], seeds: list[int]) -> torch.Tensor:
+    def sample(self, prompts: list[str], seeds: list[int]) -> torch.Tensor:
         return self.sampler.sample(prompts, seeds, num_steps=self.cfg.train.eval_steps)
 
     # ---- loop ---------------------------------------------------------------------------------
     def run(self, progress: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, Any]:
         """Train until ``train.steps``; returns the summary (also written to ``summary.json``)."""
-        start = time.time()
-        try:
-            if self.state.step == 0:
-                self.rec.log_start(self.evaluate())
-                self.rec.log_images(self.task, self._sample, 0)
-            while self.state.step < self.cfg.train.steps:
-                metrics = self.train_step()
-                if progress:
-                    progress(self.state.step, metrics)
-            return self.rec.finish(time.time() - start)
-        except Exception:
-            self.tracker.finish("FAILED")
-            raise
-        except BaseException:  # Ctrl-C, SystemExit: the last checkpoint stays resumable
-            self.tracker.finish("KILLED")
-            raise
+        return run_loop(self, progress)
 
     def train_step(self) -> dict[str, float]:
         cfg, step = self.cfg, self.state.step
@@ -137,7 +122,7 @@ class Trainer:
         metrics["time/step"] = time.perf_counter() - t0
         self.rec.log_step(metrics)
         if self.rec.due(cfg.train.log_images_every):
-            self.rec.log_images(self.task, self._sample, self.state.step)
+            self.rec.log_images(self.task, self.sample, self.state.step)
         if self.rec.due(cfg.train.checkpoint_every) or self.state.step == cfg.train.steps:
             self.stage_checkpoint()
         return metrics

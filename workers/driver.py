@@ -31,7 +31,7 @@ from ray.exceptions import RayActorError
 from rlflow import builders
 from rlflow.algos import group_advantages
 from rlflow.config import Config
-from rlflow.run import RunRecorder, StepBatch, StepTimes, step_batch, step_seed
+from rlflow.run import RunRecorder, StepBatch, StepTimes, run_loop, step_batch, step_seed
 from rlflow.sampler import choose_sde_steps, chunks
 from rlflow.types import RewardOutput
 from workers.learner import LearnerError, LearnerGroup
@@ -314,25 +314,10 @@ class RayTrainer:
     # ---- loop ---------------------------------------------------------------------------------------
     def run(self, progress: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, Any]:
         """Train until ``train.steps``; returns the summary. Actors are shut down at the end."""
-        start = time.time()
         try:
-            if self.state.step == 0:
-                self.rec.log_start(self.evaluate())
-                self.rec.log_images(self.task, self.sample, 0)
-            while self.state.step < self.cfg.train.steps:
-                metrics = self.train_step()
-                if progress:
-                    progress(self.state.step, metrics)
-            return self.rec.finish(time.time() - start)
+            return run_loop(self, progress)
         except LearnerError as err:
-            self.tracker.finish("FAILED")
             raise LearnerError(f"{err}; {self._resume_hint()}") from None
-        except Exception:
-            self.tracker.finish("FAILED")
-            raise
-        except BaseException:
-            self.tracker.finish("KILLED")
-            raise
         finally:
             self.shutdown()
 
