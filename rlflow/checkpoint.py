@@ -1,5 +1,6 @@
 """Checkpoints: ``<run_dir>/checkpoints/step_NNNNNN/`` with the LoRA (safetensors), the optimizer and RNG
-state, and a ``state.json`` (step counter, policy version, MLflow run id). Written to a temporary folder
+state, and a ``state.json`` (step counter, policy version, MLflow run id). A learner that keeps the previous
+policy version (the one-step-off pipeline samples with it) saves it too, as ``lora_previous.safetensors``. Written to a temporary folder
 and renamed, so a crash mid-write never leaves a half checkpoint that resume would pick up.
 """
 
@@ -30,13 +31,17 @@ def checkpoint_dir(run_dir: Path, step: int) -> Path:
     return run_dir / "checkpoints" / f"step_{step:06d}"
 
 
-def save_checkpoint(run_dir: Path, state: TrainState, lora: dict[str, torch.Tensor], optimizer: dict[str, Any]) -> Path:
+def save_checkpoint(run_dir: Path, state: TrainState, learner: dict[str, Any]) -> Path:
+    """``learner``: a learner's state dict (``lora``, ``optimizer`` and optionally ``previous``, the LoRA of
+    policy version ``state.policy_version - 1``)."""
     final = checkpoint_dir(run_dir, state.step)
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file({k: v.contiguous().cpu() for k, v in lora.items()}, str(tmp / "lora.safetensors"))
-    torch.save({"optimizer": optimizer, "torch_rng": torch.get_rng_state()}, tmp / "trainer.pt")
+    save_file(_contiguous(learner["lora"]), str(tmp / "lora.safetensors"))
+    if learner.get("previous") is not None:
+        save_file(_contiguous(learner["previous"]), str(tmp / "lora_previous.safetensors"))
+    torch.save({"optimizer": learner["optimizer"], "torch_rng": torch.get_rng_state()}, tmp / "trainer.pt")
     (tmp / "state.json").write_text(json.dumps(asdict(state), indent=2) + "\n")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -51,9 +56,17 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def load_checkpoint(path: Path) -> tuple[TrainState, dict[str, torch.Tensor], dict[str, Any]]:
+def load_checkpoint(path: Path) -> tuple[TrainState, dict[str, Any]]:
+    """``(train state, learner state dict)``; restores the torch RNG."""
     state = TrainState(**json.loads((path / "state.json").read_text()))
-    lora = load_file(str(path / "lora.safetensors"))
     trainer = torch.load(path / "trainer.pt", weights_only=False)
     torch.set_rng_state(trainer["torch_rng"])
-    return state, lora, trainer["optimizer"]
+    learner = {"lora": load_file(str(path / "lora.safetensors")), "optimizer": trainer["optimizer"],
+               "version": state.policy_version}
+    if (path / "lora_previous.safetensors").is_file():
+        learner["previous"] = load_file(str(path / "lora_previous.safetensors"))
+    return state, learner
+
+
+def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.contiguous().cpu() for k, v in state.items()}

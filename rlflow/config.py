@@ -148,6 +148,10 @@ class RayConfig(_Section):
     learner: Resources = Resources()
     backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="auto: nccl on GPU, gloo on CPU")
     weight_sync: Literal["lora", "full"] = Field("lora", description="what rank 0 publishes to the samplers")
+    weight_transport: Literal["auto", "object_store", "collective"] = Field(
+        "auto", description="how weights reach the samplers: the Ray object store, or a broadcast in a process "
+        "group of learner rank 0 and the samplers (NCCL on GPUs, gloo on CPUs); auto: collective when the "
+        "samplers and learners have GPUs")
     max_restarts: int = Field(3, ge=0, description="restarts of a dead sampler or reward actor")
     max_chunk_retries: int = Field(3, ge=0, description="redos of a rollout chunk lost with its sampler")
 

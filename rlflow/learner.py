@@ -71,7 +71,7 @@ class Learner:
         logp, mean = traj.log_prob.clone(), traj.mean.clone()
         if traj.policy_version != self.version and traj.policy_version not in self._snapshots:
             return logp, mean
-        with self._at_version(traj.policy_version):
+        with self.at_version(traj.policy_version):
             for sl in owned:
                 c = cond.index(sl)
                 outs = [self.replay(traj, sl, j, c) for j in range(traj.num_steps)]
@@ -80,10 +80,13 @@ class Learner:
         return logp, mean
 
     @contextlib.contextmanager
-    def _at_version(self, version: int) -> Iterator[None]:
+    def at_version(self, version: int) -> Iterator[None]:
+        """Inside the block the policy holds the LoRA of ``version`` (the current one, or a kept snapshot)."""
         if version == self.version:
             yield
             return
+        if version not in self._snapshots:
+            raise KeyError(f"policy version {version} is not kept (kept: {sorted(self._snapshots)}, current {self.version})")
         current = self.policy.lora_state_dict()
         self.policy.load_lora_state_dict(self._snapshots[version])
         try:
@@ -177,14 +180,21 @@ class Learner:
             (loss * (n / count)).backward()
             acc.add(stats, n)
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict(), "lora": self.policy.lora_state_dict(), "version": self.version}
+    def state_dict(self, *, with_previous: bool = False) -> dict[str, Any]:
+        """``lora``, ``optimizer`` and ``version``; ``with_previous`` adds ``previous``, the kept LoRA of version
+        ``version - 1`` (a one-step-off pipeline samples the next batch with it), when there is one."""
+        state = {"optimizer": self.optimizer.state_dict(), "lora": self.policy.lora_state_dict(), "version": self.version}
+        if with_previous and self.version - 1 in self._snapshots:
+            state["previous"] = self._snapshots[self.version - 1]
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.policy.load_lora_state_dict(state["lora"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.version = int(state.get("version", self.version))
         self._snapshots.clear()
+        if state.get("previous") is not None:
+            self._snapshots[self.version - 1] = {k: v.detach().clone() for k, v in state["previous"].items()}
 
 
 @dataclass(frozen=True)

@@ -58,7 +58,7 @@ def step_batch(cfg: Config, task: Any, step: int) -> StepBatch:
 class RunRecorder:
     """Opens (or re-opens) the run in ``run_dir``: its checkpoint state and its MLflow run.
 
-    ``resume``: the latest checkpoint's ``(lora, optimizer)`` state for the caller's learner, or ``None``.
+    ``resume``: the latest checkpoint's learner state dict (for ``Learner.load_state_dict``), or ``None``.
     """
 
     def __init__(
@@ -68,10 +68,9 @@ class RunRecorder:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.state = TrainState()
         self.resumed_from = latest_checkpoint(self.run_dir)
-        self.resume: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None
+        self.resume: dict[str, Any] | None = None
         if self.resumed_from is not None:
-            self.state, lora, optim = load_checkpoint(self.resumed_from)
-            self.resume = (lora, optim)
+            self.state, self.resume = load_checkpoint(self.resumed_from)
         uri = cfg.tracking.tracking_uri or default_tracking_uri(cfg.output_dir)
         self.tracker = Tracker(
             uri, cfg.tracking.experiment, run_name=self.run_dir.name, run_id=self.state.mlflow_run_id or run_id,
@@ -119,9 +118,10 @@ class RunRecorder:
         sel_p, sel_s = [prompts[i] for i in idx], [seeds[i] for i in idx]
         self.tracker.log_image_grid(sample(sel_p, sel_s), sel_p, step=step, name="eval_samples")
 
-    def checkpoint(self, lora: dict[str, torch.Tensor], optimizer: dict[str, Any]) -> Path:
-        """Save the resumable checkpoint locally and log its LoRA weights to MLflow."""
-        path = save_checkpoint(self.run_dir, self.state, lora, optimizer)
+    def checkpoint(self, learner: dict[str, Any]) -> Path:
+        """Save the resumable checkpoint (``learner``: the learner's state dict) locally and log its LoRA
+        weights to MLflow."""
+        path = save_checkpoint(self.run_dir, self.state, learner)
         self.tracker.log_artifact(path / "lora.safetensors", f"checkpoints/{path.name}")
         return path
 

@@ -44,8 +44,7 @@ class Trainer:
         )
         self.rec = RunRecorder(cfg, run_dir, tags=tags, run_id=run_id)  # only once the model and data have loaded
         if self.rec.resume is not None:
-            lora, optim = self.rec.resume
-            self.learner.load_state_dict({"lora": lora, "optimizer": optim, "version": self.rec.state.policy_version})
+            self.learner.load_state_dict(self.rec.resume)
 
     @property
     def state(self):  # type: ignore[no-untyped-def]
@@ -86,8 +85,7 @@ class Trainer:
         return stats
 
     def stage_checkpoint(self) -> Path:
-        learner = self.learner.state_dict()
-        return self.rec.checkpoint(learner["lora"], learner["optimizer"])
+        return self.rec.checkpoint(self.learner.state_dict())
 
     def evaluate(self) -> dict[str, float]:
         prompts, seeds = self.task.eval_set()

@@ -114,9 +114,13 @@ def test_two_rank_gloo_group_matches_one_process(tmp_path):
         placement.remove()
 
 
-def test_weight_sync_reaches_every_sampler(tmp_path):
-    cfg = _cfg(tmp_path, ray={**TINY["ray"], "num_samplers": 2}, train={**TINY["train"], "steps": 2})
+@pytest.mark.parametrize(("transport", "kind"), [("object_store", "lora"), ("collective", "lora"), ("collective", "full")])
+def test_weight_sync_reaches_every_sampler(tmp_path, transport, kind):
+    """Through the object store, or broadcast in a gloo group of learner rank 0 and the samplers."""
+    ray_cfg = {**TINY["ray"], "num_samplers": 2, "weight_transport": transport, "weight_sync": kind}
+    cfg = _cfg(tmp_path, ray=ray_cfg, train={**TINY["train"], "steps": 2})
     trainer = RayTrainer(cfg, tmp_path / "run")
+    assert trainer.transport == transport
     try:
         initial = ray.get([s.digest.remote() for s in trainer.samplers])
         assert initial[0] == initial[1] and initial[0][0] == 0
@@ -131,7 +135,12 @@ def test_weight_sync_reaches_every_sampler(tmp_path):
         trainer.shutdown()
 
 
-def test_one_step_off_pipeline_logs_lag_and_trains(tmp_path):
+def test_one_step_off_pipeline_logs_lag_and_resumes_exactly(tmp_path):
+    """Lag 1 from the second step on; a run stopped after 2 steps (rollout of step 3 in flight) and resumed
+    repeats the uninterrupted run bit for bit: the checkpoint keeps the previous policy version, which the
+    first resumed rollout samples with and the DPPO anchors replay at."""
+    from safetensors.torch import load_file
+
     cfg = _cfg(tmp_path, ray={**TINY["ray"], "pipeline": "one_step_off"}, train={**TINY["train"], "steps": 4})
     trainer = RayTrainer(cfg, tmp_path / "run")
     summary = trainer.run()
@@ -139,15 +148,34 @@ def test_one_step_off_pipeline_logs_lag_and_trains(tmp_path):
     assert _history(trainer, "train/policy_lag") == [0.0, 1.0, 1.0, 1.0]
     kl = _history(trainer, "train/kl_mean")
     assert all(np.isfinite(kl)) and kl[0] >= 0
+    ckpt = tmp_path / "run" / "checkpoints"
+    assert (ckpt / "step_000002" / "lora_previous.safetensors").is_file()
+
+    stopped = RayTrainer(cfg, tmp_path / "run2")
+    stopped.train_step()
+    stopped.train_step()
+    assert 2 in stopped._inflight  # the next rollout was in flight when the run stopped
+    stopped.shutdown()
+    resumed = RayTrainer(cfg, tmp_path / "run2")
+    assert resumed.state.step == 2 and resumed.run()["steps"] == 4
+    assert _history(resumed, "train/policy_lag") == [0.0, 1.0, 1.0, 1.0]
+    assert _history(resumed, "reward/mean") == _history(trainer, "reward/mean")
+    assert _history(resumed, "train/kl_mean") == kl
+    final = [load_file(str(d / "checkpoints" / "step_000004" / "lora.safetensors")) for d in (tmp_path / "run", tmp_path / "run2")]
+    assert final[0].keys() == final[1].keys()
+    assert all(torch.equal(final[0][k], final[1][k]) for k in final[0])
 
 
-def test_killed_sampler_is_restarted_and_its_chunk_redone(tmp_path):
+@pytest.mark.parametrize("transport", ["object_store", "collective"])
+def test_killed_sampler_is_restarted_and_its_chunk_redone(tmp_path, transport):
     """Sampler 0 is killed mid-rollout by the reward; the run finishes with the same numbers as an
-    uninterrupted one (nothing lost, nothing counted twice)."""
+    uninterrupted one (nothing lost, nothing counted twice). With the collective transport the dead member
+    breaks the broadcast group, which every member then forms anew."""
     reward = {"name": "tests.plugins.faults:kill_sampler_once", "kwargs": {"marker": str(tmp_path / "kill")}}
     plain = RayTrainer(_cfg(tmp_path / "a", reward={"name": "shapes_geneval"}), tmp_path / "a" / "run")
     plain.run()
-    faulty = RayTrainer(_cfg(tmp_path / "b", reward=reward), tmp_path / "b" / "run")
+    ray_cfg = {**TINY["ray"], "weight_transport": transport}
+    faulty = RayTrainer(_cfg(tmp_path / "b", reward=reward, ray=ray_cfg), tmp_path / "b" / "run")
     summary = faulty.run()
     assert (tmp_path / "kill").exists()
     assert summary["steps"] == 3
@@ -155,6 +183,7 @@ def test_killed_sampler_is_restarted_and_its_chunk_redone(tmp_path):
     assert sum(redone) >= 1 and len(redone) == 3
     assert _history(faulty, "reward/mean") == _history(plain, "reward/mean")
     assert _history(faulty, "train/policy_version") == [1.0, 2.0, 3.0]
+    assert faulty._regroups == (1 if transport == "collective" else 0)
 
 
 def test_dead_reward_server_is_restarted_and_the_batch_rescored(tmp_path):

@@ -7,9 +7,11 @@
     sync      rank 0 publishes its weights (one object-store entry); every sampler loads them
     log / checkpoint   MLflow metrics, image grids, resumable checkpoints (rlflow.run.RunRecorder)
 
-With ``ray.pipeline: one_step_off`` the rollout of step k+1 is launched before the update of step k and
-runs with the weights of version k (policy lag 1, logged); the learner replays DPPO's anchors at the
-rollout's version from a LoRA snapshot, so the trust region is measured against the policy that sampled.
+With ``ray.pipeline: one_step_off`` the rollout of step k+1 is launched as soon as the weights it samples
+with exist (version k, right after the sync of update k-1), so it overlaps the scoring and the update of
+step k (policy lag 1, logged); the learner replays DPPO's anchors at the rollout's version from a LoRA
+snapshot, so the trust region is measured against the policy that sampled. Checkpoints keep that previous
+version, so a resumed one-step-off run repeats an uninterrupted one exactly.
 Trajectories never pass through the driver: it holds object references and fetches only small statuses,
 rewards and evaluation images.
 """
@@ -96,11 +98,18 @@ class RayTrainer:
             raise
         self.rec.tracker.set_tags(_cluster_tags())
         if self.rec.resume is not None:
-            lora, optim = self.rec.resume
-            self._learners().load_state_dict(lora, optim, self.rec.state.policy_version)
-        self.weights: dict[int, Any] = {}
-        self._pending: _Rollout | None = None
+            self._learners().load_state_dict(self.rec.resume)
+        self.weights: dict[int, Any] = {}  # published versions: object refs (object_store) or the version
+        self._inflight: dict[int, _Rollout] = {}  # launched rollouts of later steps (one_step_off)
+        self.transport = weight_transport(cfg)
+        self._broadcasts: list[Any] = []  # rank 0's broadcast calls in the current weight group
+        self._regroups = 0
+        if self.transport == "collective":
+            self._form_weight_group(wait=True)
         self.stage_sync(wait=True)
+        previous = self.state.policy_version - 1
+        if cfg.ray.pipeline == "one_step_off" and self.rec.resume is not None and "previous" in self.rec.resume:
+            self.weights[previous] = self._publish(previous)
 
     def _learners(self) -> LearnerGroup:
         if self.learners is None:
@@ -150,19 +159,26 @@ class RayTrainer:
         return self.rec.resumed_from
 
     # ---- stage: rollout ---------------------------------------------------------------------------
-    def stage_rollout(self, step: int) -> _Rollout:
-        """Launch step ``step``'s chunks; returns at once (collect with :meth:`stage_score`)."""
+    def stage_rollout(self, step: int, version: int | None = None) -> _Rollout:
+        """Launch step ``step``'s chunks with the weights of ``version`` (default: the latest published);
+        returns at once (collect with :meth:`stage_score`)."""
         batch = step_batch(self.cfg, self.task, step)
         seed = step_seed(self.cfg.seed, step, 1)
         spans = chunks(len(batch.prompts), self.settings.chunk_size)
         ns = len(self.samplers)
+        latest = max(self.weights)
         roll = _Rollout(
-            step=step, version=self.state.policy_version, batch=batch, seed=seed,
+            step=step, version=latest if version is None else version, batch=batch, seed=seed,
             trained=choose_sde_steps(seed, self.settings),
             chunks=[_Chunk(i, sl, sampler=i % ns) for i, sl in enumerate(spans)],
         )
+        older = roll.version != latest
+        if older:  # actors run calls in order: switch to the old weights for these chunks, then back
+            self._send_weights(roll.version)
         for c in roll.chunks:
             self._submit_chunk(roll, c)
+        if older:
+            self._send_weights(latest)
         return roll
 
     def _submit_chunk(self, roll: _Rollout, c: _Chunk) -> None:
@@ -187,11 +203,13 @@ class RayTrainer:
             await_alive(actor, f"sampler {c.sampler}")
         except ActorGone as err:
             raise SamplerError(f"step {roll.step}: rollout chunk {c.index} lost: {err}") from None
-        actor.set_weights.remote(self.weights[roll.version])
+        if self.transport == "collective":  # a dead member breaks the group: every member joins a new one
+            self._regroup(f"step {roll.step}")
+        self._send_weights(roll.version, [c.sampler])
         self._submit_chunk(roll, c)
         latest = max(self.weights)
         if latest != roll.version:
-            actor.set_weights.remote(self.weights[latest])
+            self._send_weights(latest, [c.sampler])
 
     def _poll_rollout(self, roll: _Rollout) -> None:
         """Note finished chunks, send them to the reward pool, redo lost ones."""
@@ -221,15 +239,16 @@ class RayTrainer:
     def _score_chunk(self, roll: _Rollout, c: _Chunk) -> None:
         self.rewards.submit((roll.step, c.index), c.refs[1], roll.batch.prompts[c.span])  # type: ignore[union-attr]
 
-    def _wait(self, roll: _Rollout | None, until: Callable[[], list[Any]]) -> None:
-        """Block until ``until()`` returns no references, meanwhile keeping ``roll`` moving."""
+    def _wait(self, rolls: list[_Rollout], until: Callable[[], list[Any]]) -> None:
+        """Block until ``until()`` returns no references, meanwhile keeping ``rolls`` moving (finished chunks
+        go to scoring, lost ones are redone)."""
         while True:
-            if roll is not None:
+            for roll in rolls:
                 self._poll_rollout(roll)
             refs = until()
             if not refs:
                 return
-            extra = (roll.open_status_refs() if roll else []) + self.rewards.pending_refs()  # type: ignore[union-attr]
+            extra = [r for roll in rolls for r in roll.open_status_refs()] + self.rewards.pending_refs()  # type: ignore[union-attr]
             deadline = self.rewards.next_deadline()  # type: ignore[union-attr]
             timeout = 1.0 if deadline is None else max(0.0, min(1.0, deadline - time.monotonic()))
             ray.wait(list(dict.fromkeys(refs + extra)), num_returns=1, timeout=timeout)
@@ -244,7 +263,7 @@ class RayTrainer:
         def missing() -> list[Any]:
             return roll.open_status_refs() or pool.pending_refs()
 
-        self._wait(roll, missing)
+        self._wait([roll, *self._inflight.values()], missing)
         rewards = concat_rewards([pool.pop((roll.step, c.index)) for c in roll.chunks])
         return [c.refs[0] for c in roll.chunks], rewards, time.perf_counter() - roll.chunks_done
 
@@ -252,32 +271,93 @@ class RayTrainer:
     def stage_advantages(self, rewards: RewardOutput, batch: StepBatch) -> torch.Tensor:
         return group_advantages(rewards.score, batch.group_ids, global_std=self.cfg.algo.global_std)
 
-    def stage_update(self, chunk_refs: list[Any], adv: torch.Tensor, step: int, overlap: _Rollout | None) -> dict[str, float]:
+    def stage_update(self, chunk_refs: list[Any], adv: torch.Tensor, step: int) -> dict[str, float]:
+        """Run the update on every learner rank; rollouts in flight keep moving meanwhile."""
         assert self.learners is not None
         refs = self.learners.update(chunk_refs, adv.numpy(), step_seed(self.cfg.seed, step, 2))
-        self._wait(overlap, lambda: _not_ready(refs))
+        self._wait(list(self._inflight.values()), lambda: _not_ready(refs))
         stats = self.learners.finish_update(refs, step)
         self.state.policy_version += 1
         return stats
 
     def stage_sync(self, *, wait: bool = False) -> None:
         """Rank 0 publishes version ``policy_version``; every sampler loads it after its queued rollouts."""
-        assert self.learners is not None
         version = self.state.policy_version
-        ref = self.learners.publish(self.cfg.ray.weight_sync)
-        self.weights[version] = ref
+        if self.transport == "collective":
+            self._check_broadcasts()
+        self.weights[version] = self._publish(version)
         for v in [v for v in self.weights if v < version - 1]:
             del self.weights[v]
-        acks = [s.set_weights.remote(ref) for s in self.samplers]
+        acks = self._send_weights(version)
         if wait:
             got = ray.get(acks)
             if got != [version] * len(self.samplers):
                 raise SamplerError(f"weight sync to version {version} failed: samplers report {got}")
 
+    # ---- weight transport ---------------------------------------------------------------------------
+    def _publish(self, version: int) -> Any:
+        """object_store: rank 0 puts ``version`` (current, or a kept older one) in the store; its ref.
+        collective: nothing to put (rank 0 broadcasts on each send); the version itself."""
+        if self.transport == "collective":
+            return version
+        return self._learners().publish(self.cfg.ray.weight_sync, version)
+
+    def _send_weights(self, version: int, only: list[int] | None = None) -> list[Any]:
+        """Queue the load of ``version`` on samplers (after their queued calls); returns their acks. A
+        broadcast goes to every sampler, whatever ``only`` says (all members take part in a collective)."""
+        kind = self.cfg.ray.weight_sync
+        if self.transport == "collective":
+            self._broadcasts.append(self._learners().broadcast(kind, version))
+            return [s.receive_weights.remote(kind) for s in self.samplers]
+        idx = range(len(self.samplers)) if only is None else only
+        return [self.samplers[i].set_weights.remote(self.weights[version]) for i in idx]
+
+    def _form_weight_group(self, *, wait: bool) -> None:
+        """Learner rank 0 and every sampler form a fresh broadcast group (joins queue behind their work)."""
+        r = self.cfg.ray
+        gpus = r.sampler.num_gpus > 0 and r.learner.num_gpus > 0
+        backend = r.backend if r.backend != "auto" else ("nccl" if gpus else "gloo")
+        host, port = self._learners().weight_group_address()
+        world = 1 + len(self.samplers)
+        refs = [self._learners().join_weight_group(host, port, world, backend)] + [
+            s.join_weight_group.remote(host, port, i + 1, world, backend) for i, s in enumerate(self.samplers)
+        ]
+        self._broadcasts = []  # failures of the old group's broadcasts are expected now: forget them
+        if wait:
+            try:
+                ray.get(refs)
+            except (RayActorError, ray.exceptions.RayTaskError) as err:
+                raise SamplerError(f"the weight broadcast group could not form: {err}") from None
+
+    def _regroup(self, where: str) -> None:
+        self._regroups += 1
+        if self._regroups > self.cfg.ray.max_restarts * max(1, len(self.samplers)) + 1:
+            raise SamplerError(f"{where}: the weight broadcast group broke {self._regroups} times")
+        for i, s in enumerate(self.samplers):
+            try:
+                await_alive(s, f"sampler {i}")
+            except ActorGone as err:
+                raise SamplerError(f"{where}: {err}") from None
+        self._form_weight_group(wait=False)
+
+    def _check_broadcasts(self) -> None:
+        """Rank 0's finished broadcasts; one that failed (a member died when no chunk noticed) regroups and
+        sends the latest weights again."""
+        done, self._broadcasts = _split_ready(self._broadcasts)
+        for ref in done:
+            try:
+                ray.get(ref)
+            except (RayActorError, ray.exceptions.RayTaskError) as err:
+                if isinstance(err, ray.exceptions.RayTaskError) and "Connection closed" not in str(err):
+                    raise SamplerError(f"weight broadcast failed: {_first_line(err)}") from None
+                self._regroup("weight sync")
+                if self.weights:
+                    self._send_weights(max(self.weights))
+                return
+
     def stage_checkpoint(self) -> Path:
         assert self.learners is not None
-        state = self.learners.state_dict()
-        return self.rec.checkpoint(state["lora"], state["optimizer"])
+        return self.rec.checkpoint(self.learners.state_dict())
 
     # ---- evaluation ---------------------------------------------------------------------------------
     def sample(self, prompts: list[str], seeds: list[int]) -> torch.Tensor:
@@ -293,15 +373,12 @@ class RayTrainer:
                     out[i] = ray.get(ref)
                 except RayActorError:
                     await_alive(self.samplers[(i + attempt) % len(self.samplers)], "sampler")
-                    self._resync_all()
+                    if self.transport == "collective":
+                        self._regroup("evaluation")
+                    self._send_weights(max(self.weights))
             if all(o is not None for o in out):
                 return torch.cat([array_to_tensor(o) for o in out if o is not None])
         raise SamplerError("evaluation sampling failed: sampler actors kept dying")
-
-    def _resync_all(self) -> None:
-        latest = max(self.weights)
-        for s in self.samplers:
-            s.set_weights.remote(self.weights[latest])
 
     def evaluate(self) -> dict[str, float]:
         prompts, seeds = self.task.eval_set()
@@ -331,15 +408,18 @@ class RayTrainer:
     def train_step(self) -> dict[str, float]:
         cfg, step = self.cfg, self.state.step
         t0 = time.perf_counter()
-        roll = self._pending or self.stage_rollout(step)
-        self._pending = None
+        one_off = cfg.ray.pipeline == "one_step_off"
+        roll = self._inflight.pop(step, None)
+        if roll is None:  # first step, or the first after a resume (which samples with the kept version)
+            previous = self.state.policy_version - 1
+            roll = self.stage_rollout(step, previous if one_off and previous in self.weights else None)
+        if one_off and step + 1 < cfg.train.steps:
+            self._inflight[step + 1] = self.stage_rollout(step + 1)  # version k: overlaps scoring and update
         chunk_refs, rewards, reward_wait = self.stage_score(roll)
         t1 = time.perf_counter()
         exposed = max(0.0, t1 - max(roll.chunks_done, t0))  # waited on scores alone: latency not hidden
-        if cfg.ray.pipeline == "one_step_off" and step + 1 < cfg.train.steps:
-            self._pending = self.stage_rollout(step + 1)
         adv = self.stage_advantages(rewards, roll.batch)
-        stats = self.stage_update(chunk_refs, adv, step, self._pending)
+        stats = self.stage_update(chunk_refs, adv, step)
         t2 = time.perf_counter()
         self.stage_sync()
         t3 = time.perf_counter()
@@ -387,8 +467,26 @@ class RayTrainer:
 
 
 def _not_ready(refs: list[Any]) -> list[Any]:
-    done = set(ray.wait(refs, num_returns=len(refs), timeout=0)[0])
-    return [r for r in refs if r not in done]
+    return _split_ready(refs)[1]
+
+
+def _split_ready(refs: list[Any]) -> tuple[list[Any], list[Any]]:
+    """``(finished, not finished)`` without waiting."""
+    done = set(ray.wait(refs, num_returns=len(refs), timeout=0)[0]) if refs else set()
+    return [r for r in refs if r in done], [r for r in refs if r not in done]
+
+
+def _first_line(err: Exception) -> str:
+    lines = [ln for ln in str(err).strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else type(err).__name__
+
+
+def weight_transport(cfg: Config) -> str:
+    """``ray.weight_transport`` resolved: ``auto`` is ``collective`` when samplers and learners have GPUs."""
+    r = cfg.ray
+    if r.weight_transport != "auto":
+        return r.weight_transport
+    return "collective" if r.sampler.num_gpus > 0 and r.learner.num_gpus > 0 else "object_store"
 
 
 def _cluster_tags() -> dict[str, str]:

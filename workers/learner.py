@@ -27,7 +27,7 @@ from workers.messages import (
     unpack_trajectories,
 )
 from workers.placement import Placement
-from workers.weight_sync import weight_state, weights_digest
+from workers.weight_sync import WeightGroup, live_weights, weight_state, weights_digest
 
 
 class LearnerError(RuntimeError):
@@ -48,6 +48,7 @@ class LearnerWorker:
             self.policy, builders.build_algo(self.cfg.algo), builders.learner_settings(self.cfg.train, self.cfg.sampling),
             builders.step_settings(self.cfg.sampling), rank=rank, world_size=world_size,
         )
+        self.weight_group: WeightGroup | None = None
 
     @staticmethod
     def address() -> tuple[str, int]:
@@ -81,11 +82,26 @@ class LearnerWorker:
         traj = concat_trajectories([unpack_trajectories(c) for c in ray.get(chunks)])
         return self.learner.gradient(traj, array_to_tensor(adv)).numpy()
 
-    def publish(self, kind: str) -> list[Any]:
-        """Put this rank's weights in the object store; returns ``[ref]`` (a list, so the driver gets the
-        reference, not the data)."""
-        update = state_to_update(weight_state(self.policy, kind), self.learner.version, kind)
+    def publish(self, kind: str, version: int | None = None) -> list[Any]:
+        """Put this rank's weights (of the current policy version, or of a kept older ``version``) in the object
+        store; returns ``[ref]`` (a list, so the driver gets the reference, not the data)."""
+        version = self.learner.version if version is None else version
+        with self.learner.at_version(version):
+            update = state_to_update(weight_state(self.policy, kind), version, kind)
         return [ray.put(update)]
+
+    def join_weight_group(self, host: str, port: int, world_size: int, backend: str) -> int:
+        """Host the weight-broadcast group as its rank 0 (blocks until every sampler has joined)."""
+        self.weight_group = WeightGroup(host, port, 0, world_size, backend)
+        return 0
+
+    def broadcast_weights(self, kind: str, version: int | None = None) -> int:
+        """Broadcast the weights of the current (or a kept older) ``version`` to the weight group."""
+        if self.weight_group is None:
+            raise RuntimeError("learner rank 0 is in no weight group")
+        version = self.learner.version if version is None else version
+        with torch.no_grad(), self.learner.at_version(version):
+            return self.weight_group.broadcast(live_weights(self.policy, kind), version)
 
     def version(self) -> int:
         return self.learner.version
@@ -94,7 +110,7 @@ class LearnerWorker:
         return self.learner.version, weights_digest(self.policy)
 
     def state_dict(self) -> dict[str, Any]:
-        return self.learner.state_dict()
+        return self.learner.state_dict(with_previous=self.cfg.ray.pipeline == "one_step_off")
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.learner.load_state_dict(state)
@@ -140,15 +156,25 @@ class LearnerGroup:
     def gradient(self, chunk_refs: list[Any], adv: np.ndarray) -> list[np.ndarray]:
         return self._call([a.gradient.remote(chunk_refs, adv) for a in self.actors], "compute gradients")
 
-    def publish(self, kind: str) -> Any:
+    def publish(self, kind: str, version: int | None = None) -> Any:
         """The ObjectRef of rank 0's :class:`WeightUpdate` (the data stays in the object store)."""
-        return self._call(self.actors[0].publish.remote(kind), "publish weights")[0]
+        return self._call(self.actors[0].publish.remote(kind, version), "publish weights")[0]
+
+    def weight_group_address(self) -> tuple[str, int]:
+        return self._call(self.actors[0].address.remote(), "open the weight group")
+
+    def join_weight_group(self, host: str, port: int, world_size: int, backend: str) -> Any:
+        """Rank 0 hosts the weight group; returns the call's ref (it finishes once every sampler joined)."""
+        return self.actors[0].join_weight_group.remote(host, port, world_size, backend)
+
+    def broadcast(self, kind: str, version: int | None = None) -> Any:
+        """Start rank 0's broadcast of ``version`` (default: current); returns the call's ref."""
+        return self.actors[0].broadcast_weights.remote(kind, version)
 
     def state_dict(self) -> dict[str, Any]:
         return self._call(self.actors[0].state_dict.remote(), "save a checkpoint")
 
-    def load_state_dict(self, lora: dict[str, torch.Tensor], optimizer: dict[str, Any], version: int) -> None:
-        state = {"lora": lora, "optimizer": optimizer, "version": version}
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self._call([a.load_state_dict.remote(state) for a in self.actors], "load the checkpoint")
 
     def digests(self) -> list[tuple[int, str]]:

@@ -19,7 +19,7 @@ from rlflow import builders
 from rlflow.config import validate
 from rlflow.sampler import Sampler
 from workers.messages import ChunkStatus, WeightUpdate, pack, tensor_to_array, update_to_state
-from workers.weight_sync import apply_update, weights_digest
+from workers.weight_sync import WeightGroup, apply_update, live_weights, weights_digest
 
 
 class SamplerWorker:
@@ -33,6 +33,19 @@ class SamplerWorker:
         self.policy = builders.build_policy(self.cfg.model, self.cfg.seed)
         self.sampler = Sampler(self.policy, builders.sampler_settings(self.cfg.sampling))
         self.version = 0
+        self.weight_group: WeightGroup | None = None
+
+    def join_weight_group(self, host: str, port: int, rank: int, world_size: int, backend: str) -> int:
+        """Join the weight-broadcast group (``ray.weight_transport: collective``) as ``rank``."""
+        self.weight_group = WeightGroup(host, port, rank, world_size, backend)
+        return rank
+
+    def receive_weights(self, kind: str) -> int:
+        """Receive rank 0's next broadcast into this policy's tensors; returns the version now in use."""
+        if self.weight_group is None:
+            raise RuntimeError(f"sampler {self.index} is in no weight group (join_weight_group first)")
+        self.version = self.weight_group.broadcast(live_weights(self.policy, kind), -1)
+        return self.version
 
     def set_weights(self, update: WeightUpdate) -> int:
         """Load published weights; returns the version now in use."""
