@@ -147,6 +147,10 @@ class RayConfig(_Section):
     sampler: Resources = Resources()
     learner: Resources = Resources()
     backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="auto: nccl on GPU, gloo on CPU")
+    strategy: Literal["ddp", "fsdp2"] = Field(
+        "ddp", description="learner data parallelism: ddp (every rank holds the model, gradients all-reduced) "
+        "or fsdp2 (weights, gradients and optimizer state sharded over the ranks, for models too big for one "
+        "device)")
     weight_sync: Literal["lora", "full"] = Field("lora", description="what rank 0 publishes to the samplers")
     weight_transport: Literal["auto", "object_store", "collective"] = Field(
         "auto", description="how weights reach the samplers: the Ray object store, or a broadcast in a process "

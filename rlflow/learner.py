@@ -39,7 +39,10 @@ class Learner:
     With ``world_size > 1`` the learner is rank ``rank`` of a data-parallel group (``torch.distributed``
     must be initialised): every rank sees the whole batch, replays only its share of each mini-batch's
     chunks, and the summed gradients are all-reduced before clipping, so every rank takes the same optimizer
-    step as a single process on the whole batch. ``version`` counts optimizer updates (policy versions).
+    step as a single process on the whole batch. After :meth:`shard` (FSDP2) the weights, gradients and
+    optimizer state are sharded instead and FSDP sums the gradients; every rank then runs the same number of
+    forwards and backwards (a rank with fewer chunks replays a zero-weighted one), as FSDP's collectives need.
+    ``version`` counts optimizer updates (policy versions).
     """
 
     def __init__(
@@ -53,7 +56,24 @@ class Learner:
             raise ValueError("the policy has no trainable parameters: add a LoRA first")
         self.optimizer = torch.optim.AdamW(self.params, lr=settings.lr, weight_decay=settings.weight_decay)
         self.version = 0
+        self.sharded = False
         self._snapshots: dict[int, dict[str, Tensor]] = {}
+
+    def shard(self) -> None:
+        """Shard the policy over the default process group with FSDP2 (call on every rank, before training)."""
+        from rlflow import fsdp
+
+        fsdp.shard_policy(self.policy)
+        self.params = self.policy.trainable_parameters()
+        self.optimizer = torch.optim.AdamW(self.params, lr=self.settings.lr, weight_decay=self.settings.weight_decay)
+        self.sharded = True
+
+    def _share(self, indices: list[int]) -> tuple[list[int], int]:
+        """This rank's part of ``indices`` (every ``world_size``-th) and, when sharded, how many zero-weighted
+        replays pad it to the largest part (all ranks must run the same forwards)."""
+        mine = [i for pos, i in enumerate(indices) if pos % self.world_size == self.rank]
+        pad = (-(-len(indices) // self.world_size) - len(mine)) if self.sharded else 0
+        return mine, pad
 
     def replay(self, traj: Trajectories, sl: slice, j: int, cond: Conditioning) -> StepOut:
         """Re-score trained step ``j`` of the samples in ``sl`` at the current weights."""
@@ -64,10 +84,11 @@ class Learner:
         )
 
     @torch.no_grad()
-    def anchors(self, traj: Trajectories, cond: Conditioning, owned: list[slice]) -> tuple[Tensor, Tensor]:
+    def anchors(self, traj: Trajectories, cond: Conditioning, owned: list[slice], pad: int = 0) -> tuple[Tensor, Tensor]:
         """``(logp_old [B, S], mean_old [B, S, ...])`` of the ``owned`` chunks, replayed at the rollout's policy
         version: the current weights, or the LoRA snapshot of an older version when the batch is stale
-        (one-step-off pipeline). A version no longer kept falls back to the rollout's recorded values."""
+        (one-step-off pipeline). A version no longer kept falls back to the rollout's recorded values.
+        ``pad``: extra replays whose results are dropped (a sharded rank keeps step with the others)."""
         logp, mean = traj.log_prob.clone(), traj.mean.clone()
         if traj.policy_version != self.version and traj.policy_version not in self._snapshots:
             return logp, mean
@@ -77,6 +98,10 @@ class Learner:
                 outs = [self.replay(traj, sl, j, c) for j in range(traj.num_steps)]
                 logp[sl] = torch.stack([o.log_prob.cpu() for o in outs], 1)
                 mean[sl] = torch.stack([o.mean.cpu() for o in outs], 1)
+            dummy = slice(0, min(1, traj.num_samples))
+            for _ in range(pad):
+                for j in range(traj.num_steps):
+                    self.replay(traj, dummy, j, cond.index(dummy))
         return logp, mean
 
     @contextlib.contextmanager
@@ -104,20 +129,23 @@ class Learner:
         mbs = chunks(traj.num_samples, self.settings.micro_batch)
         order = np.random.default_rng(seed).permutation(len(mbs))
         groups = [g for g in np.array_split(order, min(self.settings.minibatches, len(mbs))) if len(g)]
-        mine = [[int(i) for pos, i in enumerate(g) if pos % self.world_size == self.rank] for g in groups]
+        shares = [self._share([int(i) for i in g]) for g in groups]
         if self.algo.needs_anchors:
-            logp_old, mean_old = self.anchors(traj, cond, [mbs[i] for g in mine for i in g])
+            logp_old, mean_old = self.anchors(
+                traj, cond, [mbs[i] for mine, _ in shares for i in mine], sum(pad for _, pad in shares))
         else:
             logp_old, mean_old = traj.log_prob, traj.mean
         self._snapshot()
         acc = _StatAccumulator()
-        for group, owned in zip(groups, mine, strict=True):
+        for group, (owned, pad) in zip(groups, shares, strict=True):
             count = sum(mbs[i].stop - mbs[i].start for i in group) * traj.num_steps
             self.optimizer.zero_grad(set_to_none=True)
             for i in owned:
                 self._accumulate(traj, mbs[i], cond, logp_old, mean_old, adv, count, acc)
+            for _ in range(pad):
+                self._accumulate(traj, mbs[int(group[0])], cond, logp_old, mean_old, adv, count, acc, weight=0.0)
             self._allreduce_grads()
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.settings.grad_clip)
+            grad_norm = self._clip()
             self.optimizer.step()
             if self.rank == 0:
                 acc.add({"grad_norm": grad_norm.detach()}, 1)
@@ -129,17 +157,31 @@ class Learner:
         step. With ranks, each replays its share of the chunks, as in :meth:`update`."""
         cond = self.policy.encode_prompts(traj.prompts)
         mbs = chunks(traj.num_samples, self.settings.micro_batch)
-        owned = [i for i in range(len(mbs)) if i % self.world_size == self.rank]
-        logp_old, mean_old = self.anchors(traj, cond, [mbs[i] for i in owned]) if self.algo.needs_anchors else (
+        owned, pad = self._share(list(range(len(mbs))))
+        logp_old, mean_old = self.anchors(traj, cond, [mbs[i] for i in owned], pad) if self.algo.needs_anchors else (
             traj.log_prob, traj.mean)
         self.optimizer.zero_grad(set_to_none=True)
+        count = traj.num_samples * traj.num_steps
         for i in owned:
-            self._accumulate(traj, mbs[i], cond, logp_old, mean_old, adv, traj.num_samples * traj.num_steps,
-                             _StatAccumulator())
+            self._accumulate(traj, mbs[i], cond, logp_old, mean_old, adv, count, _StatAccumulator())
+        for _ in range(pad):
+            self._accumulate(traj, mbs[0], cond, logp_old, mean_old, adv, count, _StatAccumulator(), weight=0.0)
         self._allreduce_grads()
-        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in self.params])
+        if self.sharded:
+            from rlflow import fsdp
+
+            flat = fsdp.flat_grad(self.params)
+        else:
+            flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in self.params])
         self.optimizer.zero_grad(set_to_none=True)
         return flat.detach().cpu()
+
+    def _clip(self) -> Tensor:
+        if self.sharded:
+            from rlflow import fsdp
+
+            return fsdp.clip_grad_norm_(self.params, self.settings.grad_clip)
+        return torch.nn.utils.clip_grad_norm_(self.params, self.settings.grad_clip)
 
     def _snapshot(self) -> None:
         """Keep the LoRA of the current version (anchors of batches sampled at it may arrive later)."""
@@ -148,8 +190,8 @@ class Learner:
             del self._snapshots[v]
 
     def _allreduce_grads(self) -> None:
-        """Sum the gradients of all ranks (one flat buffer, as DDP's buckets do)."""
-        if self.world_size == 1:
+        """Sum the gradients of all ranks (one flat buffer, as DDP's buckets do); FSDP has summed them already."""
+        if self.world_size == 1 or self.sharded:
             return
         for p in self.params:
             if p.grad is None:
@@ -164,8 +206,10 @@ class Learner:
 
     def _accumulate(
         self, traj: Trajectories, sl: slice, cond: Conditioning, logp_old: Tensor, mean_old: Tensor,
-        adv: Tensor, count: int, acc: _StatAccumulator,
+        adv: Tensor, count: int, acc: _StatAccumulator, weight: float = 1.0,
     ) -> None:
+        """Backpropagate the chunk's loss, scaled by its share ``n / count`` of the mini-batch (times
+        ``weight``: 0 for a padding replay, which adds no gradient and no stats)."""
         dev = self.params[0].device
         c = cond.index(sl)
         a = adv[sl].to(dev)
@@ -177,20 +221,36 @@ class Learner:
                     ref_mean = self.replay(traj, sl, j, c).mean
             loss, stats = self.algo.loss(new, logp_old[sl, j].to(dev), mean_old[sl, j].to(dev), a, ref_mean)
             n = sl.stop - sl.start
-            (loss * (n / count)).backward()
-            acc.add(stats, n)
+            (loss * (weight * n / count)).backward()
+            if weight:
+                acc.add(stats, n)
 
     def state_dict(self, *, with_previous: bool = False) -> dict[str, Any]:
         """``lora``, ``optimizer`` and ``version``; ``with_previous`` adds ``previous``, the kept LoRA of version
         ``version - 1`` (a one-step-off pipeline samples the next batch with it), when there is one."""
+        if self.sharded:  # gathered whole: collective, every rank must call it
+            from rlflow import fsdp
+
+            state = {"optimizer": fsdp.full_optimizer_state(self.optimizer), "lora": fsdp.full_lora_state(self.policy),
+                     "version": self.version}
+            if with_previous and self.version - 1 in self._snapshots:
+                state["previous"] = fsdp.full_state(self._snapshots[self.version - 1])
+            return state
         state = {"optimizer": self.optimizer.state_dict(), "lora": self.policy.lora_state_dict(), "version": self.version}
         if with_previous and self.version - 1 in self._snapshots:
             state["previous"] = self._snapshots[self.version - 1]
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.policy.load_lora_state_dict(state["lora"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        """Load a state dict of whole tensors (also into a sharded learner: each rank keeps its slice)."""
+        if self.sharded:
+            from rlflow import fsdp
+
+            fsdp.load_full_lora_state(self.policy, state["lora"])
+            fsdp.load_full_optimizer_state(self.optimizer, state["optimizer"])
+        else:
+            self.policy.load_lora_state_dict(state["lora"])
+            self.optimizer.load_state_dict(state["optimizer"])
         self.version = int(state.get("version", self.version))
         self._snapshots.clear()
         if state.get("previous") is not None:

@@ -82,18 +82,22 @@ def test_ray_pipeline_computes_the_in_process_run(tmp_path):
         assert remote.learners is None and remote.samplers == []  # actors are shut down after the run
 
 
-def _batch(cfg, seed=3):
+def _batch(cfg, seed=3, kinds=4):
     policy = build_policy(cfg.model, cfg.seed)
     sampler = Sampler(policy, sampler_settings(cfg.sampling))
-    prompts = ["a red circle"] * 4 + ["two blue squares"] * 4 + ["a green triangle"] * 4 + ["a square"] * 4
-    traj = sampler.rollout(prompts, torch.arange(16) // 4, seed=seed)
-    adv = torch.linspace(-1.5, 1.5, 16)
+    prompts = [p for p in ["a red circle", "two blue squares", "a green triangle", "a square"][:kinds] for _ in range(4)]
+    traj = sampler.rollout(prompts, torch.arange(len(prompts)) // 4, seed=seed)
+    adv = torch.linspace(-1.5, 1.5, len(prompts))
     return policy, traj, adv
 
 
-def test_two_rank_gloo_group_matches_one_process(tmp_path):
-    cfg = _cfg(tmp_path, ray={**TINY["ray"], "num_learners": 2, "placement": "disaggregated"})
-    policy, traj, adv = _batch(cfg)
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_two_rank_gloo_group_matches_one_process(tmp_path, strategy):
+    """Both strategies sum the ranks' gradients to the one-process gradient. 3 chunks over 2 ranks: one rank
+    owns fewer (under FSDP2 it replays a zero-weighted chunk to keep the collectives in step)."""
+    ray_cfg = {**TINY["ray"], "num_learners": 2, "placement": "disaggregated", "strategy": strategy}
+    cfg = _cfg(tmp_path, ray=ray_cfg, train={**TINY["train"], "minibatches": 1})
+    policy, traj, adv = _batch(cfg, kinds=3)
     single = Learner(policy, DPPO(kl_threshold=1e-4), learner_settings(cfg.train, cfg.sampling), step_settings(cfg.sampling))
     expected = single.gradient(traj, adv)
     assert expected.abs().sum() > 0
@@ -101,14 +105,27 @@ def test_two_rank_gloo_group_matches_one_process(tmp_path):
     placement = Placement(cfg.ray, name="grad-test")
     group = LearnerGroup(cfg, placement, name_prefix="grad-test")
     try:
+        info = ray.get([a.describe.remote() for a in group.actors])
+        total = info[0]["total"]
+        if strategy == "fsdp2":  # each rank holds its shard of the LoRA, not a replica
+            assert all(i["sharded"] and i["local"] < total for i in info) and sum(i["local"] for i in info) == total
+        else:
+            assert all(not i["sharded"] and i["local"] == total for i in info)
         grads = group.gradient(chunk_refs, adv.numpy())
-        assert np.array_equal(grads[0], grads[1])  # both ranks hold the all-reduced gradient
+        assert np.array_equal(grads[0], grads[1])  # both ranks hold the summed gradient
         torch.testing.assert_close(torch.from_numpy(grads[0]), expected, rtol=1e-5, atol=1e-8)
         refs = group.update(chunk_refs, adv.numpy(), seed=0)
         stats = group.finish_update(refs, step=0)
-        assert stats["ratio_mean"] == pytest.approx(1.0, abs=1e-3)  # the 2nd mini-batch sees the 1st step
+        assert stats["ratio_mean"] == pytest.approx(1.0, abs=1e-3)
         (v0, d0), (v1, d1) = group.digests()
-        assert v0 == v1 == 1 and d0 == d1  # identical optimizer steps on both ranks
+        assert v0 == v1 == 1 and d0 == d1  # identical optimizer steps (or one sharded model) on both ranks
+        saved = group.state_dict()  # whole tensors, in a one-process learner's layout
+        ref = Learner(build_policy(cfg.model, cfg.seed), DPPO(kl_threshold=1e-4), learner_settings(cfg.train, cfg.sampling),
+                      step_settings(cfg.sampling))
+        ref.load_state_dict(saved)
+        assert ref.policy.lora_state_dict().keys() == saved["lora"].keys()
+        assert len(saved["optimizer"]["state"]) == len(ref.params)
+        assert all(v.shape == p.shape for v, p in zip(saved["lora"].values(), ref.policy.lora_state_dict().values(), strict=True))
     finally:
         group.shutdown()
         placement.remove()
@@ -133,6 +150,29 @@ def test_weight_sync_reaches_every_sampler(tmp_path, transport, kind):
         assert synced[0][1] != initial[0][1]  # the weights really changed
     finally:
         trainer.shutdown()
+
+
+def test_sharded_learners_with_collective_sync_and_one_step_off(tmp_path):
+    """FSDP2 over 2 learner ranks, weights broadcast to 2 samplers, one-step-off: the run completes, the
+    samplers hold the weights the sharded ranks gather, and the checkpoint has the one-process layout."""
+    from safetensors.torch import load_file
+
+    ray_cfg = {**TINY["ray"], "num_samplers": 2, "num_learners": 2, "strategy": "fsdp2",
+               "weight_transport": "collective", "pipeline": "one_step_off"}
+    cfg = _cfg(tmp_path, ray=ray_cfg)
+    trainer = RayTrainer(cfg, tmp_path / "run")
+    try:
+        for _ in range(3):
+            trainer.train_step()
+        (v0, d0), (v1, d1) = trainer.learners.digests()
+        assert v0 == v1 == 3 and d0 == d1
+        assert ray.get([s.digest.remote() for s in trainer.samplers]) == [(3, d0), (3, d0)]
+    finally:
+        trainer.shutdown()
+    assert _history(trainer, "train/policy_lag") == [0.0, 1.0, 1.0]
+    lora = load_file(str(tmp_path / "run" / "checkpoints" / "step_000003" / "lora.safetensors"))
+    assert lora.keys() == build_policy(cfg.model, cfg.seed).lora_state_dict().keys()
+    assert (tmp_path / "run" / "checkpoints" / "step_000003" / "lora_previous.safetensors").is_file()
 
 
 def test_one_step_off_pipeline_logs_lag_and_resumes_exactly(tmp_path):

@@ -16,7 +16,7 @@ import ray
 import torch
 import torch.distributed as dist
 
-from rlflow import builders
+from rlflow import builders, fsdp
 from rlflow.config import Config, validate
 from rlflow.learner import Learner, StatState, merge_stats
 from workers.messages import (
@@ -64,6 +64,8 @@ class LearnerWorker:
                 backend, init_method=f"tcp://{master}:{port}", rank=self.rank, world_size=self.world_size,
                 timeout=timedelta(minutes=10),
             )
+            if self.cfg.ray.strategy == "fsdp2":
+                self.learner.shard()
         return self.rank
 
     def update(self, chunks: list[Any], adv: np.ndarray, seed: int) -> StatState:
@@ -87,8 +89,12 @@ class LearnerWorker:
         store; returns ``[ref]`` (a list, so the driver gets the reference, not the data)."""
         version = self.learner.version if version is None else version
         with self.learner.at_version(version):
-            update = state_to_update(weight_state(self.policy, kind), version, kind)
-        return [ray.put(update)]
+            state = weight_state(self.policy, kind)
+            if self.learner.sharded:  # every rank gathers; rank 0 publishes
+                state = fsdp.full_state(state)
+        if self.rank != 0:
+            return []
+        return [ray.put(state_to_update(state, version, kind))]
 
     def join_weight_group(self, host: str, port: int, world_size: int, backend: str) -> int:
         """Host the weight-broadcast group as its rank 0 (blocks until every sampler has joined)."""
@@ -97,17 +103,29 @@ class LearnerWorker:
 
     def broadcast_weights(self, kind: str, version: int | None = None) -> int:
         """Broadcast the weights of the current (or a kept older) ``version`` to the weight group."""
-        if self.weight_group is None:
-            raise RuntimeError("learner rank 0 is in no weight group")
         version = self.learner.version if version is None else version
         with torch.no_grad(), self.learner.at_version(version):
-            return self.weight_group.broadcast(live_weights(self.policy, kind), version)
+            state = live_weights(self.policy, kind)
+            if self.learner.sharded:  # every rank gathers; rank 0 broadcasts
+                state = fsdp.full_state(state)
+            if self.rank != 0:
+                return version
+            if self.weight_group is None:
+                raise RuntimeError("learner rank 0 is in no weight group")
+            return self.weight_group.broadcast(state, version)
 
     def version(self) -> int:
         return self.learner.version
 
+    def describe(self) -> dict[str, Any]:
+        """``sharded`` and how many trainable values this rank holds (``local``) of the model's ``total``."""
+        local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in self.learner.params)
+        return {"rank": self.rank, "sharded": self.learner.sharded, "local": local,
+                "total": sum(p.numel() for p in self.learner.params)}
+
     def digest(self) -> tuple[int, str]:
-        return self.learner.version, weights_digest(self.policy)
+        full = fsdp.full_lora_state(self.policy) if self.learner.sharded else None
+        return self.learner.version, weights_digest(self.policy, full)
 
     def state_dict(self) -> dict[str, Any]:
         return self.learner.state_dict(with_previous=self.cfg.ray.pipeline == "one_step_off")
@@ -136,6 +154,7 @@ class LearnerGroup:
             ).remote(raw, r, n, threads)
             for r in range(n)
         ]
+        self.sharded = cfg.ray.strategy == "fsdp2" and n > 1  # then rank 0's publish and saves gather from all
         backend = cfg.ray.backend if cfg.ray.backend != "auto" else ("nccl" if res.num_gpus > 0 else "gloo")
         master, port = self._call(self.actors[0].address.remote(), "start")
         self._call([a.join.remote(master, port, backend) for a in self.actors], "join the process group")
@@ -158,7 +177,7 @@ class LearnerGroup:
 
     def publish(self, kind: str, version: int | None = None) -> Any:
         """The ObjectRef of rank 0's :class:`WeightUpdate` (the data stays in the object store)."""
-        return self._call(self.actors[0].publish.remote(kind, version), "publish weights")[0]
+        return self._call([a.publish.remote(kind, version) for a in self._savers()], "publish weights")[0][0]
 
     def weight_group_address(self) -> tuple[str, int]:
         return self._call(self.actors[0].address.remote(), "open the weight group")
@@ -169,10 +188,14 @@ class LearnerGroup:
 
     def broadcast(self, kind: str, version: int | None = None) -> Any:
         """Start rank 0's broadcast of ``version`` (default: current); returns the call's ref."""
-        return self.actors[0].broadcast_weights.remote(kind, version)
+        return [a.broadcast_weights.remote(kind, version) for a in self._savers()][0]
+
+    def _savers(self) -> list[Any]:
+        """The ranks that take part in publishing and saving: all of them when sharded, else rank 0."""
+        return self.actors if self.sharded else self.actors[:1]
 
     def state_dict(self) -> dict[str, Any]:
-        return self._call(self.actors[0].state_dict.remote(), "save a checkpoint")
+        return self._call([a.state_dict.remote() for a in self._savers()], "save a checkpoint")[0]
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._call([a.load_state_dict.remote(state) for a in self.actors], "load the checkpoint")

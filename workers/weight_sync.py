@@ -44,10 +44,11 @@ def apply_update(policy: FlowPolicy, state: dict[str, torch.Tensor], kind: str) 
                            f"unexpected {unexpected[:3]}")
 
 
-def weights_digest(policy: FlowPolicy) -> str:
-    """A hash of the trainable (LoRA) tensors, to check that two processes hold the same weights."""
+def weights_digest(policy: FlowPolicy, state: dict[str, torch.Tensor] | None = None) -> str:
+    """A hash of the trainable (LoRA) tensors (or of ``state``, e.g. a sharded policy's gathered LoRA), to
+    check that two processes hold the same weights."""
     h = hashlib.sha256()
-    for name, t in sorted(policy.lora_state_dict().items()):
+    for name, t in sorted((policy.lora_state_dict() if state is None else state).items()):
         h.update(name.encode())
         h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
