@@ -71,19 +71,28 @@ def _run_ray(cfg: Config, run_dir: Path) -> dict[str, float]:
         disconnect()
 
 
-def ray_overhead(cfg: Config, steps: int = 12) -> dict[str, Any]:
-    """Step time of the Ray pipeline (1 sampler, 1 learner, colocated, sync) vs the in-process loop."""
+def ray_overhead(cfg: Config, steps: int = 12, repeats: int = 3) -> dict[str, Any]:
+    """Step time of the Ray pipeline (1 sampler, 1 learner, colocated, sync) vs the in-process loop.
+
+    The two run in ``repeats`` interleaved pairs (in-process, Ray, in-process, ...): a shared machine's speed
+    drifts by 10-30% over minutes, so each pair is compared on its own and the median pair is reported.
+    """
+    pairs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         base = _bench_cfg(cfg, steps, Path(tmp), ["ray.num_samplers=1", "ray.num_learners=1", "ray.pipeline=sync"])
-        local = _run_in_process(base, Path(tmp) / "in_process")
-        remote = _run_ray(base, Path(tmp) / "ray")
+        for r in range(repeats):
+            local = _run_in_process(base, Path(tmp) / f"in_process-{r}")
+            remote = _run_ray(base, Path(tmp) / f"ray-{r}")
+            pairs.append({"in_process": local, "ray": remote,
+                          "overhead_pct": round(100 * (remote["step"] / local["step"] - 1), 1)})
+    median = sorted(pairs, key=lambda p: p["overhead_pct"])[len(pairs) // 2]
     return {
         "benchmark": "ray-overhead",
         "steps_measured": steps - 2,
         "batch": base.sampling.prompts_per_step * base.sampling.group_size,
-        "in_process": local,
-        "ray": remote,
-        "overhead_pct": round(100 * (remote["step"] / local["step"] - 1), 1),
+        "overhead_pct_median": median["overhead_pct"],
+        "overhead_pct_each": [p["overhead_pct"] for p in pairs],
+        "median_pair": median,
     }
 
 
@@ -134,8 +143,9 @@ def _hidden(added: float, injected: float) -> float | None:
 
 
 def weight_sync(cfg: Config, repeats: int = 10, samplers: int = 2) -> dict[str, Any]:
-    """Seconds to publish rank 0's weights to ``samplers`` samplers (object store), LoRA-only and full,
-    against copying the same bytes once per sampler in one process's memory."""
+    """Seconds to publish rank 0's weights to ``samplers`` samplers, LoRA-only and full, through the object
+    store and as a broadcast in a gloo weight group (the collective transport; NCCL on GPUs), against copying
+    the same bytes once per sampler in one process's memory."""
     cfg = _with(cfg, [f"ray.num_samplers={samplers}", "ray.num_learners=1", "ray.placement=colocated"])
     connect(cfg)
     out: dict[str, Any] = {"benchmark": "weight-sync", "samplers": samplers, "repeats": repeats}
@@ -151,6 +161,12 @@ def weight_sync(cfg: Config, repeats: int = 10, samplers: int = 2) -> dict[str, 
         ray.get([a.pid.remote() for a in actors])
         for kind in ("lora", "full"):
             out[kind] = _time_sync(group, actors, kind, repeats)
+        backend = "nccl" if cfg.ray.sampler.num_gpus > 0 and cfg.ray.learner.num_gpus > 0 else "gloo"
+        host, port = group.weight_group_address()
+        ray.get([group.join_weight_group(host, port, samplers + 1, backend)] + [
+            a.join_weight_group.remote(host, port, i + 1, samplers + 1, backend) for i, a in enumerate(actors)])
+        for kind in ("lora", "full"):
+            out[f"{kind}_collective_{backend}"] = _time_broadcast(group, actors, kind, repeats)
     finally:
         for a in actors:
             ray.kill(a)
@@ -158,6 +174,18 @@ def weight_sync(cfg: Config, repeats: int = 10, samplers: int = 2) -> dict[str, 
         placement.remove()
         disconnect()
     return out
+
+
+def _time_broadcast(group: LearnerGroup, actors: list[Any], kind: str, repeats: int) -> dict[str, Any]:
+    """Rank 0 broadcasts to the samplers (both sides called at once); seconds until every side is done."""
+    total = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        ray.get([group.broadcast(kind)] + [a.receive_weights.remote(kind) for a in actors])
+        total.append(time.perf_counter() - t0)
+    digests = ray.get([a.digest.remote() for a in actors])
+    assert all(d == group.digests()[0] for d in digests), "broadcast did not reach every sampler"
+    return {"total_s": round(statistics.median(total), 5)}
 
 
 def _time_sync(group: LearnerGroup, actors: list[Any], kind: str, repeats: int) -> dict[str, Any]:

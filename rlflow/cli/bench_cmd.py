@@ -16,7 +16,9 @@ def register(sub: Any) -> None:
     b.add_argument("--steps", type=int, default=0, help="training steps per run (default: 12 / 8)")
     b.add_argument("--latency", type=float, default=0.5, help="async: seconds the reward sleeps per batch")
     b.add_argument("--replicas", type=int, default=1, help="async: reward server replicas")
-    b.add_argument("--repeats", type=int, default=10, help="weight-sync: timed repetitions")
+    b.add_argument("--repeats", type=int, default=0,
+                   help="ray-overhead: interleaved in-process/Ray pairs (default 3); weight-sync: timed repetitions "
+                        "(default 10)")
     b.add_argument("--out", help="also write the JSON here")
     b.set_defaults(func=cmd_bench)
 
@@ -27,11 +29,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.set)
     if args.what == "ray-overhead":
-        result = bench.ray_overhead(cfg, steps=args.steps or 12)
+        result = bench.ray_overhead(cfg, steps=args.steps or 12, repeats=args.repeats or 3)
     elif args.what == "async":
         result = bench.async_overlap(cfg, steps=args.steps or 8, latency=args.latency, replicas=args.replicas)
     else:
-        result = bench.weight_sync(cfg, repeats=args.repeats)
+        result = bench.weight_sync(cfg, repeats=args.repeats or 10)
     result["config"] = args.config
     text = json.dumps(result, indent=2)
     print(text)
