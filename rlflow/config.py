@@ -155,9 +155,23 @@ class RayConfig(_Section):
     weight_transport: Literal["auto", "object_store", "collective"] = Field(
         "auto", description="how weights reach the samplers: the Ray object store, or a broadcast in a process "
         "group of learner rank 0 and the samplers (NCCL on GPUs, gloo on CPUs); auto: collective when the "
-        "samplers and learners have GPUs")
+        "samplers and learners have GPUs of their own (disaggregated)")
     max_restarts: int = Field(3, ge=0, description="restarts of a dead sampler or reward actor")
     max_chunk_retries: int = Field(3, ge=0, description="redos of a rollout chunk lost with its sampler")
+
+    @property
+    def on_gpus(self) -> bool:
+        return self.sampler.num_gpus > 0 and self.learner.num_gpus > 0
+
+    @model_validator(mode="after")
+    def _transport(self) -> RayConfig:
+        if self.weight_transport == "collective" and self.on_gpus and self.placement == "colocated":
+            raise ValueError(
+                "ray.weight_transport 'collective' with ray.placement 'colocated' puts learner 0 and sampler 0 of "
+                "the NCCL broadcast group on one GPU, which NCCL refuses: use weight_transport 'object_store' "
+                "(or 'auto') or placement 'disaggregated'"
+            )
+        return self
 
 
 class TrackingConfig(_Section):

@@ -289,3 +289,15 @@ def test_placement_plans_and_infeasible_resources(tmp_path):
     assert dis.bundles == [{"CPU": 1.0, "GPU": 0.5}] * 3 and dis.learner == [2]
     with pytest.raises(ConfigError, match="GPU: needs 1.5, cluster has 0"):
         Placement(cfg.ray, name="too-big")
+
+
+def test_weight_transport_resolution_and_the_colocated_nccl_error(tmp_path):
+    from workers.driver import weight_transport
+
+    gpus = {"sampler": {"num_cpus": 1, "num_gpus": 0.5}, "learner": {"num_cpus": 1, "num_gpus": 0.5}}
+    assert weight_transport(_cfg(tmp_path)) == "object_store"  # CPU actors
+    assert weight_transport(_cfg(tmp_path, ray=gpus)) == "object_store"  # colocated: one GPU for both
+    assert weight_transport(_cfg(tmp_path, ray={**gpus, "placement": "disaggregated"})) == "collective"
+    assert weight_transport(_cfg(tmp_path, ray={"weight_transport": "collective"})) == "collective"  # gloo
+    with pytest.raises(ConfigError, match="ray.weight_transport 'collective' with ray.placement 'colocated'"):
+        _cfg(tmp_path, ray={**gpus, "weight_transport": "collective"})

@@ -315,8 +315,7 @@ class RayTrainer:
     def _form_weight_group(self, *, wait: bool) -> None:
         """Learner rank 0 and every sampler form a fresh broadcast group (joins queue behind their work)."""
         r = self.cfg.ray
-        gpus = r.sampler.num_gpus > 0 and r.learner.num_gpus > 0
-        backend = r.backend if r.backend != "auto" else ("nccl" if gpus else "gloo")
+        backend = r.backend if r.backend != "auto" else ("nccl" if r.on_gpus else "gloo")
         host, port = self._learners().weight_group_address()
         world = 1 + len(self.samplers)
         refs = [self._learners().join_weight_group(host, port, world, backend)] + [
@@ -482,11 +481,12 @@ def _first_line(err: Exception) -> str:
 
 
 def weight_transport(cfg: Config) -> str:
-    """``ray.weight_transport`` resolved: ``auto`` is ``collective`` when samplers and learners have GPUs."""
+    """``ray.weight_transport`` resolved: ``auto`` is ``collective`` when samplers and learners have GPUs of
+    their own (disaggregated: NCCL refuses two ranks of a group on one GPU), else ``object_store``."""
     r = cfg.ray
     if r.weight_transport != "auto":
         return r.weight_transport
-    return "collective" if r.sampler.num_gpus > 0 and r.learner.num_gpus > 0 else "object_store"
+    return "collective" if r.on_gpus and r.placement == "disaggregated" else "object_store"
 
 
 def _cluster_tags() -> dict[str, str]:
