@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import secrets
@@ -27,6 +28,7 @@ pytestmark = pytest.mark.timeout(600)
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 CONFIG = str(REPO / "configs" / "toy_shapes_dppo.yaml")
+HEAD: dict[str, str] = {}  # the running head's GCS address, for `rlflow train --address`
 
 # a run of seconds on the shipped shapes base model (as in test_trainer.py)
 TINY = [
@@ -139,6 +141,7 @@ def ray_head(tmp_path_factory):
                     ) from None
                 time.sleep(0.5)
         print(f"\nray head ready in {time.monotonic() - t0:.1f} s at {address}")
+        HEAD["gcs"] = f"127.0.0.1:{ports[0]}"
         yield address
     finally:
         # SIGTERM to `ray start --block` alone: it drains the node and stops its processes in order (about
@@ -269,6 +272,28 @@ def test_submit_runs_to_success_with_mlflow_run(ray_head, mlflow_url, tmp_path, 
     code, out, _ = _cli(capsys, "logs", job, "--address", ray_head, "--follow")  # an ended job: all, then exit
     assert code == 0
     assert "rlflow run summary" in out and out.rstrip().endswith(f"job {job}: SUCCEEDED (Job finished successfully.)")
+
+
+def test_train_joins_a_cluster_and_ships_the_working_dir(ray_head, tmp_path):
+    """`rlflow train --address GCS --working-dir DIR`: the driver runs here, the actors on the cluster, and a
+    reward plug-in that exists only in DIR imports in the cluster's reward server."""
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "shipped_judge.py").write_text(  # 1.0 when imported from the copy Ray unpacked on the cluster
+        "import torch\n"
+        "def score(images, prompts):\n"
+        "    return torch.full((len(images),), float('runtime_resources' in __file__))\n"
+    )
+    sets = [*TINY, f"output_dir={tmp_path / 'runs'}", "reward.name=shipped_judge:score"]
+    cmd = [str(VENV_BIN / "rlflow"), "train", CONFIG, "--address", HEAD["gcs"], "--working-dir", str(plugins),
+           *[a for o in sets for a in ("--set", o)]]
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}  # a driver joining a token-auth cluster (token: RAY_AUTH_TOKEN)
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert re.search(rf"^ray: joined \S+:{HEAD['gcs'].rsplit(':', 1)[1]}$", done.stdout, re.M), done.stdout
+    assert "steps 2," in done.stdout
+    summary = json.loads(next((tmp_path / "runs").glob("jobtest-*/summary.json")).read_text())
+    assert summary["train_reward_first10"] == 1.0, summary  # every score came from the shipped plug-in
 
 
 def test_stop_a_running_job(ray_head, mlflow_url, tmp_path, capsys):

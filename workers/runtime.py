@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError
 
-from rlflow.config import Config
+from rlflow.config import Config, ConfigError
 from workers.placement import plan
 
 
@@ -40,19 +41,30 @@ def disconnect() -> None:
         ray.shutdown()
 
 
-def connect(cfg: Config, address: str | None = None) -> str:
+def connect(cfg: Config, address: str | None = None, working_dir: str | None = None) -> str:
     """Connect this process to Ray; returns a description of the cluster.
 
     ``address`` (or ``ray.address``, or ``RAY_ADDRESS`` as set inside a Ray job): join that cluster
     (``HOST:6379`` or ``auto``). Otherwise start an embedded local cluster sized by :func:`logical_cpus`.
+    ``working_dir``: ship that folder to every worker (as ``rlflow submit`` does), so reward plug-ins and
+    code that live only on this machine import on the cluster's nodes.
     """
     if ray.is_initialized():
         return ray.get_runtime_context().gcs_address
+    runtime_env = None
+    if working_dir:
+        from rlflow.jobs import EXCLUDES
+
+        wd = Path(working_dir).expanduser().resolve()
+        if not wd.is_dir():
+            raise ConfigError(f"--working-dir {working_dir}: not a directory")
+        runtime_env = {"working_dir": str(wd), "excludes": list(EXCLUDES)}
     target = address or cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if target:
-        ray.init(address=target, logging_level="WARNING")
+        ray.init(address=target, logging_level="WARNING", runtime_env=runtime_env)
         return f"joined {ray.get_runtime_context().gcs_address}"
-    ray.init(address="local", num_cpus=logical_cpus(cfg), include_dashboard=False, logging_level="WARNING")
+    ray.init(address="local", num_cpus=logical_cpus(cfg), include_dashboard=False, logging_level="WARNING",
+             runtime_env=runtime_env)
     return f"embedded local Ray ({logical_cpus(cfg)} CPUs)"
 
 

@@ -57,9 +57,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         from workers.driver import RayTrainer
         from workers.runtime import connect
 
+        if args.working_dir:  # its plug-ins must import here too
+            wd = Path(args.working_dir).expanduser().resolve()
+            if not wd.is_dir():
+                raise ConfigError(f"--working-dir {args.working_dir}: not a directory")
+            sys.path.insert(0, str(wd))
         resolve(cfg.reward.name)  # a bad reward name or model folder fails here, before any actor starts
         model_path(cfg.model.path)
-        print(f"ray: {connect(cfg, args.address)}", flush=True)
+        print(f"ray: {connect(cfg, args.address, args.working_dir)}", flush=True)
         trainer = RayTrainer(cfg, run_dir, tags=tags, run_id=run_id)
     if trainer.resumed_from:
         print(f"resuming {run_dir} from {trainer.resumed_from.name} (step {trainer.state.step})")
@@ -142,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", metavar="RUN", help="continue a run folder from its last checkpoint")
     t.add_argument("--output-dir", help="where run folders go (default: the config's output_dir)")
     t.add_argument("--address", help="join this Ray cluster (HOST:6379 or auto) instead of an embedded one")
+    t.add_argument("--working-dir", help="ship this folder (your reward plug-ins, code) to the Ray workers, as "
+                   "`rlflow submit` does; it also goes first on this process's import path")
     t.add_argument("--in-process", action="store_true", help="run the plain loop in this process, without Ray")
     t.set_defaults(func=cmd_train)
     pt = sub.add_parser("pretrain", help="pretrain a toy world's base model")
