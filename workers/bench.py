@@ -161,10 +161,10 @@ def weight_sync(cfg: Config, repeats: int = 10, samplers: int = 2) -> dict[str, 
         ray.get([a.pid.remote() for a in actors])
         for kind in ("lora", "full"):
             out[kind] = _time_sync(group, actors, kind, repeats)
-        backend = "nccl" if cfg.ray.sampler.num_gpus > 0 and cfg.ray.learner.num_gpus > 0 else "gloo"
-        host, port = group.weight_group_address()
-        ray.get([group.join_weight_group(host, port, samplers + 1, backend)] + [
-            a.join_weight_group.remote(host, port, i + 1, samplers + 1, backend) for i, a in enumerate(actors)])
+        from workers.driver import form_weight_group, weight_group_backend
+
+        ray.get(form_weight_group(cfg, group, actors))
+        backend = weight_group_backend(cfg)
         for kind in ("lora", "full"):
             out[f"{kind}_collective_{backend}"] = _time_broadcast(group, actors, kind, repeats)
     finally:

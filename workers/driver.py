@@ -36,7 +36,7 @@ from rlflow.config import Config
 from rlflow.run import RunRecorder, StepBatch, StepTimes, run_loop, step_batch, step_seed
 from rlflow.sampler import choose_sde_steps, chunks
 from rlflow.types import RewardOutput
-from workers.learner import LearnerError, LearnerGroup
+from workers.learner import LearnerError, LearnerGroup, short_error
 from workers.messages import ChunkStatus, array_to_tensor, concat_rewards
 from workers.placement import Placement
 from workers.reward_server import RewardPool
@@ -314,13 +314,7 @@ class RayTrainer:
 
     def _form_weight_group(self, *, wait: bool) -> None:
         """Learner rank 0 and every sampler form a fresh broadcast group (joins queue behind their work)."""
-        r = self.cfg.ray
-        backend = r.backend if r.backend != "auto" else ("nccl" if r.on_gpus else "gloo")
-        host, port = self._learners().weight_group_address()
-        world = 1 + len(self.samplers)
-        refs = [self._learners().join_weight_group(host, port, world, backend)] + [
-            s.join_weight_group.remote(host, port, i + 1, world, backend) for i, s in enumerate(self.samplers)
-        ]
+        refs = form_weight_group(self.cfg, self._learners(), self.samplers)
         self._broadcasts = []  # failures of the old group's broadcasts are expected now: forget them
         if wait:
             try:
@@ -348,7 +342,7 @@ class RayTrainer:
                 ray.get(ref)
             except (RayActorError, ray.exceptions.RayTaskError) as err:
                 if isinstance(err, ray.exceptions.RayTaskError) and "Connection closed" not in str(err):
-                    raise SamplerError(f"weight broadcast failed: {_first_line(err)}") from None
+                    raise SamplerError(f"weight broadcast failed: {short_error(err)}") from None
                 self._regroup("weight sync")
                 if self.weights:
                     self._send_weights(max(self.weights))
@@ -475,9 +469,21 @@ def _split_ready(refs: list[Any]) -> tuple[list[Any], list[Any]]:
     return [r for r in refs if r in done], [r for r in refs if r not in done]
 
 
-def _first_line(err: Exception) -> str:
-    lines = [ln for ln in str(err).strip().splitlines() if ln.strip()]
-    return lines[-1] if lines else type(err).__name__
+def form_weight_group(cfg: Config, learners: LearnerGroup, samplers: list[Any]) -> list[Any]:
+    """Start learner rank 0 (as rank 0) and ``samplers`` (ranks 1..) joining a new weight-broadcast group:
+    :func:`weight_group_backend`. Returns the join calls' refs."""
+    backend = weight_group_backend(cfg)
+    host, port = learners.weight_group_address()
+    world = 1 + len(samplers)
+    return [learners.join_weight_group(host, port, world, backend)] + [
+        s.join_weight_group.remote(host, port, i + 1, world, backend) for i, s in enumerate(samplers)
+    ]
+
+
+def weight_group_backend(cfg: Config) -> str:
+    """``ray.backend``, or (auto) NCCL when samplers and learners have GPUs, else gloo."""
+    r = cfg.ray
+    return r.backend if r.backend != "auto" else ("nccl" if r.on_gpus else "gloo")
 
 
 def weight_transport(cfg: Config) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -87,14 +88,8 @@ class LearnerWorker:
     def publish(self, kind: str, version: int | None = None) -> list[Any]:
         """Put this rank's weights (of the current policy version, or of a kept older ``version``) in the object
         store; returns ``[ref]`` (a list, so the driver gets the reference, not the data)."""
-        version = self.learner.version if version is None else version
-        with self.learner.at_version(version):
-            state = weight_state(self.policy, kind)
-            if self.learner.sharded:  # every rank gathers; rank 0 publishes
-                state = fsdp.full_state(state)
-        if self.rank != 0:
-            return []
-        return [ray.put(state_to_update(state, version, kind))]
+        version, state = self._weights(version, weight_state, kind)
+        return [ray.put(state_to_update(state, version, kind))] if self.rank == 0 else []
 
     def join_weight_group(self, host: str, port: int, world_size: int, backend: str) -> int:
         """Host the weight-broadcast group as its rank 0 (blocks until every sampler has joined)."""
@@ -103,16 +98,28 @@ class LearnerWorker:
 
     def broadcast_weights(self, kind: str, version: int | None = None) -> int:
         """Broadcast the weights of the current (or a kept older) ``version`` to the weight group."""
+        version, state = self._weights(version, live_weights, kind)
+        if self.rank != 0:
+            return version
+        if self.weight_group is None:
+            raise RuntimeError("learner rank 0 is in no weight group")
+        return self.weight_group.broadcast(state, version)
+
+    @torch.no_grad()
+    def _weights(
+        self, version: int | None, pick: Callable[[Any, str], dict[str, torch.Tensor]], kind: str
+    ) -> tuple[int, dict[str, torch.Tensor]]:
+        """``(version, pick(policy, kind) at that version)`` (default: the current one); a sharded rank gathers
+        whole tensors (collective: every rank calls it). The live tensors of an older version are snapshot
+        values only inside :meth:`Learner.at_version`, so the gather or a copy happens there."""
         version = self.learner.version if version is None else version
-        with torch.no_grad(), self.learner.at_version(version):
-            state = live_weights(self.policy, kind)
-            if self.learner.sharded:  # every rank gathers; rank 0 broadcasts
+        with self.learner.at_version(version):
+            state = pick(self.policy, kind)
+            if self.learner.sharded:
                 state = fsdp.full_state(state)
-            if self.rank != 0:
-                return version
-            if self.weight_group is None:
-                raise RuntimeError("learner rank 0 is in no weight group")
-            return self.weight_group.broadcast(state, version)
+            elif version != self.learner.version:
+                state = {k: v.detach().clone() for k, v in state.items()}
+        return version, state
 
     def version(self) -> int:
         return self.learner.version
@@ -163,7 +170,7 @@ class LearnerGroup:
         try:
             return ray.get(refs)
         except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as err:
-            raise LearnerError(f"learner group failed to {what}: {_short(err)}") from None
+            raise LearnerError(f"learner group failed to {what}: {short_error(err)}") from None
 
     def update(self, chunk_refs: list[Any], adv: np.ndarray, seed: int) -> list[Any]:
         """Start the update on every rank; returns the refs (wait with :meth:`finish_update`)."""
@@ -208,7 +215,8 @@ class LearnerGroup:
             ray.kill(a, no_restart=True)
 
 
-def _short(err: Exception) -> str:
+def short_error(err: Exception) -> str:
+    """A Ray error in one line: the remote exception (type and message) or the last line of the text."""
     cause = getattr(err, "cause", None)
     return f"{type(cause).__name__}: {cause}" if cause is not None else str(err).strip().splitlines()[-1]
 
