@@ -371,10 +371,15 @@ def follow(job_id: str, address: str | None = None, out: TextIO | None = None) -
 
 
 def stop(job_id: str, address: str | None = None) -> bool:
-    """Ask the job server to stop the job; True if it was running (False: it had already ended)."""
+    """Ask the job server to stop the job; True if it was running (False: it had already ended).
+
+    The status is checked first: Ray's ``stop_job`` also answers True for a job that has just ended while its
+    supervisor actor lingers, which made a second ``rlflow stop`` report a stop request for a STOPPED job."""
     address = resolve_address(address)
     client = _client(address)
     try:
+        if _state(client.get_job_info(job_id)).done:
+            return False
         return bool(client.stop_job(job_id))
     except (RuntimeError, OSError) as err:
         raise _request_error(err, job_id, address) from None
