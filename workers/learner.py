@@ -20,6 +20,7 @@ import torch.distributed as dist
 from rlflow import builders, fsdp
 from rlflow.config import Config, validate
 from rlflow.learner import Learner, StatState, merge_stats
+from rlflow.system import keep_freed_memory
 from workers.messages import (
     WeightUpdate,
     array_to_tensor,
@@ -39,6 +40,7 @@ class LearnerWorker:
     """One rank. Call :meth:`join` on every rank (concurrently) before :meth:`update`."""
 
     def __init__(self, cfg: dict[str, Any], rank: int, world_size: int, threads: int = 0):
+        keep_freed_memory()
         self.threads = threads or os.cpu_count() or 1
         torch.set_num_threads(self.threads)
         self.cfg: Config = validate(cfg)

@@ -18,6 +18,7 @@ import torch
 from rlflow import builders
 from rlflow.config import validate
 from rlflow.sampler import Sampler
+from rlflow.system import keep_freed_memory
 from workers.messages import ChunkStatus, WeightUpdate, pack, tensor_to_array, update_to_state
 from workers.weight_sync import WeightGroup, apply_update, live_weights, weights_digest
 
@@ -26,6 +27,7 @@ class SamplerWorker:
     """One sampler process. ``index`` names it in statuses; ``threads``: torch CPU threads (0 = all cores)."""
 
     def __init__(self, cfg: dict[str, Any], index: int, threads: int = 0):
+        keep_freed_memory()
         self.threads = threads or os.cpu_count() or 1
         torch.set_num_threads(self.threads)
         self.cfg = validate(cfg)
