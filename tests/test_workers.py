@@ -113,7 +113,7 @@ def test_two_rank_gloo_group_matches_one_process(tmp_path, strategy):
             assert all(not i["sharded"] and i["local"] == total for i in info)
         grads = group.gradient(chunk_refs, adv.numpy())
         assert np.array_equal(grads[0], grads[1])  # both ranks hold the summed gradient
-        torch.testing.assert_close(torch.from_numpy(grads[0]), expected, rtol=1e-5, atol=1e-8)
+        torch.testing.assert_close(torch.from_numpy(grads[0].copy()), expected, rtol=1e-5, atol=1e-8)
         refs = group.update(chunk_refs, adv.numpy(), seed=0)
         stats = group.finish_update(refs, step=0)
         assert stats["ratio_mean"] == pytest.approx(1.0, abs=1e-3)
@@ -301,3 +301,27 @@ def test_weight_transport_resolution_and_the_colocated_nccl_error(tmp_path):
     assert weight_transport(_cfg(tmp_path, ray={"weight_transport": "collective"})) == "collective"  # gloo
     with pytest.raises(ConfigError, match="ray.weight_transport 'collective' with ray.placement 'colocated'"):
         _cfg(tmp_path, ray={**gpus, "weight_transport": "collective"})
+
+
+def test_actors_given_one_gpu_never_form_an_nccl_group(tmp_path):
+    """Fractional GPUs can put two members of an NCCL group on one GPU, which NCCL refuses ("Duplicate GPU
+    detected", seen on an H100 node): ``auto`` then uses the object store, an explicit ``collective`` is a clear
+    error, and gloo (which does not care) is left alone. The GPU run of this is in tests/test_gpu.py."""
+    from workers.driver import weight_transport
+    from workers.placement import shared_gpus
+
+    slots = {"learner 0": ("nodeA1234567", ("0",)), "sampler 0": ("nodeA1234567", ("0",)),
+             "sampler 1": ("nodeA1234567", ("1",)), "sampler 2": ("nodeB7654321", ("0",))}
+    assert shared_gpus(slots) == ["learner 0 and sampler 0 share GPU 0 of node nodeA123"]
+    assert shared_gpus({k: v for k, v in slots.items() if k != "sampler 0"}) == []
+    assert shared_gpus({"learner 0": ("n", ()), "sampler 0": ("n", ())}) == []  # CPU actors
+    shared = shared_gpus(slots)
+    gpus = {"sampler": {"num_cpus": 1, "num_gpus": 0.5}, "learner": {"num_cpus": 1, "num_gpus": 0.5},
+            "placement": "disaggregated"}
+    assert weight_transport(_cfg(tmp_path, ray=gpus), shared) == "object_store"
+    assert weight_transport(_cfg(tmp_path, ray=gpus), []) == "collective"
+    with pytest.raises(ConfigError, match=r"'collective': learner 0 and sampler 0 share GPU 0 of node nodeA123, "
+                                          r"and NCCL refuses"):
+        weight_transport(_cfg(tmp_path, ray={**gpus, "weight_transport": "collective"}), shared)
+    gloo = _cfg(tmp_path, ray={**gpus, "weight_transport": "collective", "backend": "gloo"})
+    assert weight_transport(gloo, shared) == "collective"

@@ -18,6 +18,7 @@ rewards and evaluation images.
 
 from __future__ import annotations
 
+import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -32,13 +33,13 @@ from ray.exceptions import RayActorError
 
 from rlflow import builders
 from rlflow.algos import group_advantages
-from rlflow.config import Config
+from rlflow.config import Config, ConfigError
 from rlflow.run import RunRecorder, StepBatch, StepTimes, run_loop, step_batch, step_seed
 from rlflow.sampler import choose_sde_steps, chunks
 from rlflow.types import RewardOutput
 from workers.learner import LearnerError, LearnerGroup, short_error
 from workers.messages import ChunkStatus, array_to_tensor, concat_rewards
-from workers.placement import Placement
+from workers.placement import Placement, shared_gpus
 from workers.reward_server import RewardPool
 from workers.runtime import ActorGone, actor_threads, await_alive
 from workers.sampler import SamplerActor
@@ -92,16 +93,19 @@ class RayTrainer:
         self.rewards: RewardPool | None = None
         try:
             self._start_actors()
+            shared = self._shared_gpus()
+            self.transport = weight_transport(cfg, shared)
             self.rec = RunRecorder(cfg, run_dir, tags=tags, run_id=run_id)
         except BaseException:
             self.shutdown()
             raise
-        self.rec.tracker.set_tags(_cluster_tags())
+        if shared and self.transport == "object_store":
+            print(f"rlflow: weights go through the object store, not NCCL: {shared[0]}", file=sys.stderr)
+        self.rec.tracker.set_tags({**_cluster_tags(), "rlflow.weight_transport": self.transport})
         if self.rec.resume is not None:
             self._learners().load_state_dict(self.rec.resume)
         self.weights: dict[int, Any] = {}  # published versions: object refs (object_store) or the version
         self._inflight: dict[int, _Rollout] = {}  # launched rollouts of later steps (one_step_off)
-        self.transport = weight_transport(cfg)
         self._broadcasts: list[Any] = []  # rank 0's broadcast calls in the current weight group
         self._regroups = 0
         if self.transport == "collective":
@@ -110,6 +114,14 @@ class RayTrainer:
         previous = self.state.policy_version - 1
         if cfg.ray.pipeline == "one_step_off" and self.rec.resume is not None and "previous" in self.rec.resume:
             self.weights[previous] = self._publish(previous)
+
+    def _shared_gpus(self) -> list[str]:
+        """Members of the would-be NCCL weight group that Ray gave the same GPU (see :func:`shared_gpus`)."""
+        if weight_group_backend(self.cfg) != "nccl" or weight_transport(self.cfg) != "collective":
+            return []
+        members = {"learner 0": self._learners().actors[0]} | {f"sampler {i}": s for i, s in enumerate(self.samplers)}
+        slots = ray.get([a.gpu_slot.remote() for a in members.values()])
+        return shared_gpus(dict(zip(members, slots, strict=True)))
 
     def _learners(self) -> LearnerGroup:
         if self.learners is None:
@@ -486,13 +498,21 @@ def weight_group_backend(cfg: Config) -> str:
     return r.backend if r.backend != "auto" else ("nccl" if r.on_gpus else "gloo")
 
 
-def weight_transport(cfg: Config) -> str:
+def weight_transport(cfg: Config, shared: list[str] | None = None) -> str:
     """``ray.weight_transport`` resolved: ``auto`` is ``collective`` when samplers and learners have GPUs of
-    their own (disaggregated: NCCL refuses two ranks of a group on one GPU), else ``object_store``."""
+    their own (disaggregated), else ``object_store``. ``shared``: members of the NCCL weight group that Ray
+    placed on one GPU (:func:`shared_gpus`; fractional ``num_gpus`` on a node with too few GPUs): NCCL refuses
+    them, so ``auto`` falls back to the object store and an explicit ``collective`` is an error."""
     r = cfg.ray
+    if shared and r.weight_transport == "collective" and weight_group_backend(cfg) == "nccl":
+        raise ConfigError(
+            f"ray.weight_transport 'collective': {shared[0]}, and NCCL refuses two ranks of a group on one GPU: "
+            "give samplers and learners GPUs of their own (ray.sampler.num_gpus and ray.learner.num_gpus: 1, on "
+            "enough GPUs), or use weight_transport 'object_store' or 'auto'"
+        )
     if r.weight_transport != "auto":
         return r.weight_transport
-    return "collective" if r.on_gpus and r.placement == "disaggregated" else "object_store"
+    return "collective" if r.on_gpus and r.placement == "disaggregated" and not shared else "object_store"
 
 
 def _cluster_tags() -> dict[str, str]:

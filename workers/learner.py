@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from rlflow import builders, fsdp
-from rlflow.config import Config, validate
+from rlflow.config import Config, ConfigError, validate
 from rlflow.learner import Learner, StatState, merge_stats
 from rlflow.system import keep_freed_memory
 from workers.messages import (
@@ -26,9 +26,10 @@ from workers.messages import (
     array_to_tensor,
     concat_trajectories,
     state_to_update,
+    tensor_to_array,
     unpack_trajectories,
 )
-from workers.placement import Placement
+from workers.placement import GpuSlot, Placement, gpu_slot, shared_gpus
 from workers.weight_sync import WeightGroup, live_weights, weight_state, weights_digest
 
 
@@ -85,7 +86,7 @@ class LearnerWorker:
         """The all-reduced gradient of the whole batch's loss (one mini-batch, no optimizer step)."""
         torch.set_num_threads(self.threads)
         traj = concat_trajectories([unpack_trajectories(c) for c in ray.get(chunks)])
-        return self.learner.gradient(traj, array_to_tensor(adv)).numpy()
+        return tensor_to_array(self.learner.gradient(traj, array_to_tensor(adv)))[0]
 
     def publish(self, kind: str, version: int | None = None) -> list[Any]:
         """Put this rank's weights (of the current policy version, or of a kept older ``version``) in the object
@@ -145,6 +146,9 @@ class LearnerWorker:
     def pid(self) -> int:
         return os.getpid()
 
+    def gpu_slot(self) -> GpuSlot:
+        return gpu_slot()
+
 
 LearnerActor = ray.remote(LearnerWorker)
 
@@ -165,6 +169,16 @@ class LearnerGroup:
         ]
         self.sharded = cfg.ray.strategy == "fsdp2" and n > 1  # then rank 0's publish and saves gather from all
         backend = cfg.ray.backend if cfg.ray.backend != "auto" else ("nccl" if res.num_gpus > 0 else "gloo")
+        if backend == "nccl" and n > 1:
+            slots = self._call([a.gpu_slot.remote() for a in self.actors], "start")
+            shared = shared_gpus({f"learner {r}": slot for r, slot in enumerate(slots)})
+            if shared:
+                self.shutdown()
+                raise ConfigError(
+                    f"ray.num_learners {n} with ray.learner.num_gpus {res.num_gpus:g}: {shared[0]}, and NCCL refuses "
+                    "two ranks of a group on one GPU: give each learner a whole GPU (ray.learner.num_gpus: 1) on a "
+                    "cluster with enough of them, or set ray.backend: gloo"
+                )
         master, port = self._call(self.actors[0].address.remote(), "start")
         self._call([a.join.remote(master, port, backend) for a in self.actors], "join the process group")
 

@@ -88,3 +88,27 @@ class Placement:
 
     def remove(self) -> None:
         remove_placement_group(self.group)
+
+
+GpuSlot = tuple[str, tuple[str, ...]]  # (node id, the GPU ids Ray gave the actor)
+
+
+def gpu_slot() -> GpuSlot:
+    """The calling actor's GPUs: its node and the ids Ray assigned (several actors asking for fractions of a
+    GPU may be given the same one)."""
+    ctx = ray.get_runtime_context()
+    return ctx.get_node_id(), tuple(str(g) for g in ctx.get_accelerator_ids().get("GPU", []))
+
+
+def shared_gpus(slots: dict[str, GpuSlot]) -> list[str]:
+    """Pairs of actors (``slots``: label -> :func:`gpu_slot`) that hold the same GPU of the same node, as
+    ``"learner 0 and sampler 1 share GPU 0 of node 3f2a..."``. NCCL refuses two ranks of a group on one GPU."""
+    out = []
+    labels = list(slots)
+    for i, a in enumerate(labels):
+        for b in labels[i + 1:]:
+            (node_a, gpus_a), (node_b, gpus_b) = slots[a], slots[b]
+            common = sorted(set(gpus_a) & set(gpus_b)) if node_a == node_b else []
+            if common:
+                out.append(f"{a} and {b} share GPU {','.join(common)} of node {node_a[:8]}")
+    return out

@@ -20,6 +20,7 @@ from rlflow.config import validate
 from rlflow.sampler import Sampler
 from rlflow.system import keep_freed_memory
 from workers.messages import ChunkStatus, WeightUpdate, pack, tensor_to_array, update_to_state
+from workers.placement import GpuSlot, gpu_slot
 from workers.weight_sync import WeightGroup, apply_update, live_weights, weights_digest
 
 
@@ -79,6 +80,9 @@ class SamplerWorker:
 
     def pid(self) -> int:
         return os.getpid()
+
+    def gpu_slot(self) -> GpuSlot:
+        return gpu_slot()
 
 
 # A plain (single-threaded) actor: a threaded one (concurrency groups) ran the CPU rollout ~1.6x slower
