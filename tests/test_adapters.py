@@ -252,6 +252,16 @@ def test_load_policy_unknown_family():
         load_policy("sdxl", "/nowhere", dtype=torch.float32, device="cpu")
 
 
+def test_sd3_image_size_is_checked_against_the_positional_embedding(saved):
+    """The tiny SD3 (VAE factor 2, patch 1, pos_embed_max_size 8) covers at most 16 pixels a side: larger sizes
+    fail at set_resolution with the limit spelled out, not inside the first forward pass."""
+    policy = load("sd3", saved["sd3"][0])
+    assert policy.set_resolution(SIZE, SIZE) is policy and policy.set_resolution(8, SIZE) is policy
+    with pytest.raises(ValueError, match=r"32x16 \(sampling.height x sampling.width\).*at most 16 pixels a side "
+                       r"\(pos_embed_max_size 8 x patch_size 1 x VAE factor 2\)"):
+        policy.set_resolution(32, SIZE)
+
+
 def test_sd3_schedule(saved):
     policy = load("sd3", saved["sd3"][0])
     grid = policy.schedule(4)

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -75,3 +77,19 @@ def test_accuracy_report_and_reward_plugin():
     assert out.score.tolist() == pytest.approx([1.0, 1.0, 0.0])
     assert out.components["strict"].tolist() == [1.0, 1.0, 0.0]
     assert checks(specs[0], []) == [False, False, False, False]
+
+
+@pytest.mark.parametrize("size, message", [
+    (64, r"64x64 \(sampling.height x sampling.width\).*at most 32 pixels a side"),
+    (30, r"30x30 \(sampling.height x sampling.width\) gives 30x30 latents, not a multiple of the transformer's "
+         r"patch_size 4"),
+])
+def test_shipped_model_rejects_image_sizes_it_cannot_embed(size, message):
+    from rlflow import builders
+    from rlflow.config import load_config
+    from rlflow.sampler import Sampler
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "toy_shapes_dppo.yaml", [f"sampling.height={size}", f"sampling.width={size}"])
+    policy = builders.build_policy(cfg.model, cfg.seed)
+    with pytest.raises(ValueError, match=message):
+        Sampler(policy, builders.sampler_settings(cfg.sampling))

@@ -2,6 +2,7 @@
 weight sync, the one-step-off pipeline, placement, and faults (dead samplers, failing rewards, a dead learner)."""
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -277,6 +278,19 @@ def test_dead_learner_leaves_a_checkpoint_that_resume_continues(tmp_path):
     summary = resumed.run()
     assert summary["steps"] == 4
     assert _history(resumed, "train/policy_version") == [1.0, 2.0, 3.0, 4.0]
+
+
+def test_config_error_in_an_actor_constructor_reaches_the_driver_as_one(tmp_path):
+    """An image size the model cannot embed fails in the sampler and learner constructors; the driver raises it
+    as the ConfigError it is (the CLI prints it as one line), and leaves no actor behind."""
+    cfg = _cfg(tmp_path, sampling={"height": 64, "width": 64})
+    before = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)}
+    with pytest.raises(ConfigError, match=r"^image size 64x64 \(sampling.height x sampling.width\).*at most 32 pixels"):
+        RayTrainer(cfg, tmp_path / "run")
+    deadline = time.monotonic() + 30
+    while (left := {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)} - before) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not left
 
 
 def test_placement_plans_and_infeasible_resources(tmp_path):

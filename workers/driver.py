@@ -37,7 +37,7 @@ from rlflow.config import Config, ConfigError
 from rlflow.run import RunRecorder, StepBatch, StepTimes, run_loop, step_batch, step_seed
 from rlflow.sampler import choose_sde_steps, chunks
 from rlflow.types import RewardOutput
-from workers.learner import LearnerError, LearnerGroup, short_error
+from workers.learner import LearnerError, LearnerGroup, actor_config_error, short_error
 from workers.messages import ChunkStatus, array_to_tensor, concat_rewards
 from workers.placement import Placement, shared_gpus
 from workers.reward_server import RewardPool
@@ -150,6 +150,8 @@ class RayTrainer:
         try:
             ray.get([s.pid.remote() for s in self.samplers])
         except RayActorError as err:
+            if (bad := actor_config_error(err)) is not None:
+                raise bad from None
             raise SamplerError(f"sampler actors could not start: {err}") from None
         self.rewards.ready()
 

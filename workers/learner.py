@@ -168,12 +168,19 @@ class LearnerGroup:
             for r in range(n)
         ]
         self.sharded = cfg.ray.strategy == "fsdp2" and n > 1  # then rank 0's publish and saves gather from all
+        try:
+            self._start(cfg, n)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _start(self, cfg: Config, n: int) -> None:
+        res = cfg.ray.learner
         backend = cfg.ray.backend if cfg.ray.backend != "auto" else ("nccl" if res.num_gpus > 0 else "gloo")
         if backend == "nccl" and n > 1:
             slots = self._call([a.gpu_slot.remote() for a in self.actors], "start")
             shared = shared_gpus({f"learner {r}": slot for r, slot in enumerate(slots)})
             if shared:
-                self.shutdown()
                 raise ConfigError(
                     f"ray.num_learners {n} with ray.learner.num_gpus {res.num_gpus:g}: {shared[0]}, and NCCL refuses "
                     "two ranks of a group on one GPU: give each learner a whole GPU (ray.learner.num_gpus: 1) on a "
@@ -186,6 +193,8 @@ class LearnerGroup:
         try:
             return ray.get(refs)
         except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as err:
+            if (bad := actor_config_error(err)) is not None:
+                raise bad from None
             raise LearnerError(f"learner group failed to {what}: {short_error(err)}") from None
 
     def update(self, chunk_refs: list[Any], adv: np.ndarray, seed: int) -> list[Any]:
@@ -231,10 +240,24 @@ class LearnerGroup:
             ray.kill(a, no_restart=True)
 
 
+def actor_config_error(err: Exception) -> ConfigError | None:
+    """The :class:`ConfigError` an actor raised, in a method or in its constructor, or None.
+
+    Ray keeps a failed constructor's error only as text (the traceback's last line names the type)."""
+    cause = getattr(err, "cause", None)
+    if isinstance(cause, ConfigError):
+        return ConfigError(str(cause))
+    lines = str(err).strip().splitlines()
+    prefix = f"{ConfigError.__module__}.{ConfigError.__qualname__}: "
+    if getattr(err, "actor_init_failed", False) and lines and lines[-1].startswith(prefix):
+        return ConfigError(lines[-1][len(prefix):])
+    return None
+
+
 def short_error(err: Exception) -> str:
     """A Ray error in one line: the remote exception (type and message) or the last line of the text."""
     cause = getattr(err, "cause", None)
     return f"{type(cause).__name__}: {cause}" if cause is not None else str(err).strip().splitlines()[-1]
 
 
-__all__ = ["LearnerError", "LearnerGroup", "LearnerWorker", "WeightUpdate"]
+__all__ = ["LearnerError", "actor_config_error", "LearnerGroup", "LearnerWorker", "WeightUpdate"]

@@ -31,6 +31,7 @@ import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 from torch import Tensor
 
+from rlflow.config import ConfigError
 from rlflow.models.base import Conditioning, LoraMixin, PromptCache, freeze
 
 
@@ -188,7 +189,10 @@ class FluxPolicy(LoraMixin):
     def _latent_hw(self, height: int, width: int) -> tuple[int, int]:
         step = 2 * self.vae_scale_factor
         if height % step or width % step:
-            raise ValueError(f"FLUX image height and width must be multiples of {step}, got {height}x{width}")
+            raise ConfigError(
+                f"image size {height}x{width} (sampling.height x sampling.width): FLUX needs multiples of {step} "
+                f"(2 x VAE factor {self.vae_scale_factor})"
+            )
         return height // self.vae_scale_factor, width // self.vae_scale_factor
 
     def set_resolution(self, height: int, width: int) -> FluxPolicy:

@@ -19,6 +19,7 @@ import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 from torch import Tensor
 
+from rlflow.config import ConfigError
 from rlflow.models.base import Conditioning, LoraMixin, PromptCache, freeze
 from rlflow.sde import flow_schedule
 
@@ -99,7 +100,26 @@ class SD3Policy(LoraMixin):
         return self
 
     def set_resolution(self, height: int, width: int) -> SD3Policy:
-        """No-op: SD3's grid does not depend on the image size (static shift)."""
+        """Check that ``height x width`` images fit the transformer (SD3's grid itself has a static shift).
+
+        Its patch embedding crops a ``pos_embed_max_size``-patch square of positional embeddings, so larger
+        images would only fail deep inside the first forward pass.
+        """
+        cfg = self.transformer.config
+        _, h, w = self.latent_shape(height, width)
+        patch, most = int(cfg.patch_size), cfg.get("pos_embed_max_size")
+        if h % patch or w % patch:
+            raise ConfigError(
+                f"image size {height}x{width} (sampling.height x sampling.width) gives {h}x{w} latents, "
+                f"not a multiple of the transformer's patch_size {patch}"
+            )
+        if most is not None and max(h, w) > patch * int(most):
+            f = height // h
+            raise ConfigError(
+                f"image size {height}x{width} (sampling.height x sampling.width) is larger than this SD3 "
+                f"transformer's positional embedding covers: at most {patch * int(most) * f} pixels a side "
+                f"(pos_embed_max_size {most} x patch_size {patch} x VAE factor {f})"
+            )
         return self
 
     @property
