@@ -5,7 +5,6 @@ On one GPU the NCCL paths that need two ranks on distinct GPUs (the weight broad
 NCCL learner group) cannot run; these tests check that such a layout is detected and handled (the object
 store instead of NCCL, or a clear error) rather than failing inside NCCL."""
 
-import json
 import os
 from pathlib import Path
 
@@ -18,10 +17,11 @@ from mlflow.tracking import MlflowClient
 from rewards import build_reward
 from rlflow.algos.policy_gradient import DPPO
 from rlflow.builders import build_policy, learner_settings, sampler_settings, step_settings
-from rlflow.config import ConfigError, validate
+from rlflow.config import ConfigError
 from rlflow.learner import Learner
 from rlflow.sampler import Sampler
 from rlflow.trainer import Trainer
+from tests.helpers import metric_history, tiny_config
 from workers.driver import RayTrainer
 from workers.learner import LearnerGroup
 from workers.messages import pack
@@ -42,11 +42,7 @@ TINY = {
 
 
 def _cfg(tmp_path, **sections):
-    raw = json.loads(json.dumps(TINY))
-    for section, values in sections.items():
-        raw[section] = {**raw.get(section, {}), **values}
-    raw["output_dir"] = str(tmp_path)
-    return validate(raw)
+    return tiny_config(TINY, tmp_path, **sections)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -63,10 +59,6 @@ def ray_cluster():
     yield
     ray.shutdown()
 
-
-def _history(trainer, key):
-    client = MlflowClient(tracking_uri=trainer.tracker.tracking_uri)
-    return [m.value for m in sorted(client.get_metric_history(trainer.tracker.run_id, key), key=lambda m: m.step)]
 
 
 def test_cuda_actors_compute_the_in_process_cuda_run(tmp_path):
@@ -85,8 +77,8 @@ def test_cuda_actors_compute_the_in_process_cuda_run(tmp_path):
         assert version == 3 and ray.get(remote.samplers[0].digest.remote()) == (3, digest)
     finally:
         remote.shutdown()
-    np.testing.assert_allclose(_history(remote, "reward/mean"), _history(local, "reward/mean"), atol=1e-6)
-    np.testing.assert_allclose(_history(remote, "train/kl_mean"), _history(local, "train/kl_mean"), rtol=1e-3)
+    np.testing.assert_allclose(metric_history(remote, "reward/mean"), metric_history(local, "reward/mean"), atol=1e-6)
+    np.testing.assert_allclose(metric_history(remote, "train/kl_mean"), metric_history(local, "train/kl_mean"), rtol=1e-3)
 
 
 def test_disaggregated_on_one_gpu_sends_weights_through_the_object_store(tmp_path):

@@ -15,6 +15,7 @@ from rlflow.config import ConfigError, load_config, validate
 from rlflow.learner import Learner, LearnerSettings
 from rlflow.sampler import Sampler, chunks
 from rlflow.trainer import Trainer
+from tests.helpers import tiny_config
 
 TINY = {
     "name": "tiny",
@@ -26,11 +27,7 @@ TINY = {
 
 
 def _cfg(tmp_path, **over):
-    raw = json.loads(json.dumps(TINY))
-    for section, values in over.items():
-        raw[section] = {**raw.get(section, {}), **values}
-    raw["output_dir"] = str(tmp_path)
-    return validate(raw)
+    return tiny_config(TINY, tmp_path, **over)
 
 
 @pytest.mark.parametrize("algo", [GRPO(), DPPO()])

@@ -1,7 +1,6 @@
 """The Ray runtime on a real embedded Ray cluster: parity with the in-process loop, the learner group,
 weight sync, the one-step-off pipeline, placement, and faults (dead samplers, failing rewards, a dead learner)."""
 
-import json
 import time
 from pathlib import Path
 
@@ -14,10 +13,11 @@ from mlflow.tracking import MlflowClient
 from rewards import build_reward
 from rlflow.algos.policy_gradient import DPPO
 from rlflow.builders import build_policy, learner_settings, sampler_settings, step_settings
-from rlflow.config import ConfigError, validate
+from rlflow.config import ConfigError
 from rlflow.learner import Learner
 from rlflow.sampler import Sampler
 from rlflow.trainer import Trainer
+from tests.helpers import metric_history, tiny_config
 from workers.driver import RayTrainer
 from workers.learner import LearnerError, LearnerGroup
 from workers.messages import pack
@@ -37,11 +37,7 @@ TINY = {
 
 
 def _cfg(tmp_path, **sections):
-    raw = json.loads(json.dumps(TINY))
-    for section, values in sections.items():
-        raw[section] = {**raw.get(section, {}), **values} if isinstance(values, dict) else values
-    raw["output_dir"] = str(tmp_path)
-    return validate(raw)
+    return tiny_config(TINY, tmp_path, **sections)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -55,10 +51,6 @@ def ray_cluster():
     yield
     ray.shutdown()
 
-
-def _history(trainer, key):
-    client = MlflowClient(tracking_uri=trainer.tracker.tracking_uri)
-    return [m.value for m in sorted(client.get_metric_history(trainer.tracker.run_id, key), key=lambda m: m.step)]
 
 
 def test_ray_pipeline_computes_the_in_process_run(tmp_path):
@@ -74,9 +66,9 @@ def test_ray_pipeline_computes_the_in_process_run(tmp_path):
         remote = RayTrainer(_cfg(tmp_path, ray={**TINY["ray"], "pipeline": pipeline}), tmp_path / pipeline)
         summary = remote.run()
         assert summary["steps"] == 3
-        assert _history(remote, "reward/mean") == _history(local, "reward/mean")
-        assert _history(remote, "train/kl_mean") == _history(local, "train/kl_mean")
-        assert _history(remote, "train/policy_lag") == [0.0, 0.0, 0.0]
+        assert metric_history(remote, "reward/mean") == metric_history(local, "reward/mean")
+        assert metric_history(remote, "train/kl_mean") == metric_history(local, "train/kl_mean")
+        assert metric_history(remote, "train/policy_lag") == [0.0, 0.0, 0.0]
         lora_ray = load_file(str(tmp_path / pipeline / "checkpoints" / "step_000003" / "lora.safetensors"))
         assert set(lora_ray) == set(lora_local)
         assert all(torch.equal(lora_ray[k], lora_local[k]) for k in lora_local)
@@ -170,7 +162,7 @@ def test_sharded_learners_with_collective_sync_and_one_step_off(tmp_path):
         assert ray.get([s.digest.remote() for s in trainer.samplers]) == [(3, d0), (3, d0)]
     finally:
         trainer.shutdown()
-    assert _history(trainer, "train/policy_lag") == [0.0, 1.0, 1.0]
+    assert metric_history(trainer, "train/policy_lag") == [0.0, 1.0, 1.0]
     lora = load_file(str(tmp_path / "run" / "checkpoints" / "step_000003" / "lora.safetensors"))
     assert lora.keys() == build_policy(cfg.model, cfg.seed).lora_state_dict().keys()
     assert (tmp_path / "run" / "checkpoints" / "step_000003" / "lora_previous.safetensors").is_file()
@@ -186,8 +178,8 @@ def test_one_step_off_pipeline_logs_lag_and_resumes_exactly(tmp_path):
     trainer = RayTrainer(cfg, tmp_path / "run")
     summary = trainer.run()
     assert summary["steps"] == 4
-    assert _history(trainer, "train/policy_lag") == [0.0, 1.0, 1.0, 1.0]
-    kl = _history(trainer, "train/kl_mean")
+    assert metric_history(trainer, "train/policy_lag") == [0.0, 1.0, 1.0, 1.0]
+    kl = metric_history(trainer, "train/kl_mean")
     assert all(np.isfinite(kl)) and kl[0] >= 0
     ckpt = tmp_path / "run" / "checkpoints"
     assert (ckpt / "step_000002" / "lora_previous.safetensors").is_file()
@@ -199,9 +191,9 @@ def test_one_step_off_pipeline_logs_lag_and_resumes_exactly(tmp_path):
     stopped.shutdown()
     resumed = RayTrainer(cfg, tmp_path / "run2")
     assert resumed.state.step == 2 and resumed.run()["steps"] == 4
-    assert _history(resumed, "train/policy_lag") == [0.0, 1.0, 1.0, 1.0]
-    assert _history(resumed, "reward/mean") == _history(trainer, "reward/mean")
-    assert _history(resumed, "train/kl_mean") == kl
+    assert metric_history(resumed, "train/policy_lag") == [0.0, 1.0, 1.0, 1.0]
+    assert metric_history(resumed, "reward/mean") == metric_history(trainer, "reward/mean")
+    assert metric_history(resumed, "train/kl_mean") == kl
     final = [load_file(str(d / "checkpoints" / "step_000004" / "lora.safetensors")) for d in (tmp_path / "run", tmp_path / "run2")]
     assert final[0].keys() == final[1].keys()
     assert all(torch.equal(final[0][k], final[1][k]) for k in final[0])
@@ -220,10 +212,10 @@ def test_killed_sampler_is_restarted_and_its_chunk_redone(tmp_path, transport):
     summary = faulty.run()
     assert (tmp_path / "kill").exists()
     assert summary["steps"] == 3
-    redone = _history(faulty, "faults/chunks_redone")
+    redone = metric_history(faulty, "faults/chunks_redone")
     assert sum(redone) >= 1 and len(redone) == 3
-    assert _history(faulty, "reward/mean") == _history(plain, "reward/mean")
-    assert _history(faulty, "train/policy_version") == [1.0, 2.0, 3.0]
+    assert metric_history(faulty, "reward/mean") == metric_history(plain, "reward/mean")
+    assert metric_history(faulty, "train/policy_version") == [1.0, 2.0, 3.0]
     assert faulty._regroups == (1 if transport == "collective" else 0)
 
 
@@ -232,7 +224,7 @@ def test_dead_reward_server_is_restarted_and_the_batch_rescored(tmp_path):
     trainer = RayTrainer(_cfg(tmp_path, reward=reward, train={**TINY["train"], "steps": 2}), tmp_path / "run")
     summary = trainer.run()
     assert (tmp_path / "exit").exists() and summary["steps"] == 2
-    assert len(_history(trainer, "reward/mean")) == 2
+    assert len(metric_history(trainer, "reward/mean")) == 2
 
 
 @pytest.mark.parametrize(
@@ -277,7 +269,7 @@ def test_dead_learner_leaves_a_checkpoint_that_resume_continues(tmp_path):
     assert resumed.state.step == 2
     summary = resumed.run()
     assert summary["steps"] == 4
-    assert _history(resumed, "train/policy_version") == [1.0, 2.0, 3.0, 4.0]
+    assert metric_history(resumed, "train/policy_version") == [1.0, 2.0, 3.0, 4.0]
 
 
 def test_config_error_in_an_actor_constructor_reaches_the_driver_as_one(tmp_path):
