@@ -1,7 +1,11 @@
 """Reward plug-ins: the registry and the built-in rewards.
 
-A reward is anything callable as ``fn(images, prompts)`` with ``images`` a ``[B, 3, H, W]`` float tensor in
-``[0, 1]``; it returns a :class:`rlflow.types.RewardOutput`, or ``[B]`` scores (tensor, array or list).
+A reward is a callable in one of two forms, told apart by the name of its first parameter:
+- ``fn(media, conditions)``: :class:`rlflow.types.Media` (images ``[B, 3, H, W]`` or video ``[B, T, 3, H, W]``,
+  optional audio) and :class:`rlflow.types.Conditions` (prompts, source images, audio, metadata);
+- ``fn(images, prompts)``: the plain form, a ``[B, 3, H, W]`` float tensor in ``[0, 1]`` (a video's middle
+  frame) and the prompt strings.
+Either returns a :class:`rlflow.types.RewardOutput`, or ``[B]`` scores (tensor, array or list).
 Register one with ``@register("name")`` or reference it from a config as ``"package.module:callable"``.
 A class is instantiated with the config's ``reward.kwargs``; a function gets them as keyword arguments.
 """
@@ -17,8 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from rlflow.config import ConfigError
-from rlflow.types import RewardFn, RewardOutput, check_finite_reward
+from rlflow.schema import ConfigError
+from rlflow.types import Conditions, Media, RewardFn, RewardOutput, check_finite_reward
 
 _REGISTRY: dict[str, Any] = {}
 _BUILTIN_MODULES = ("rewards.shapes", "rewards.synthetic")
@@ -65,19 +69,36 @@ def _resolve(spec: str) -> Any:
     return _REGISTRY[spec]
 
 
+def takes_media(fn: Callable[..., Any]) -> bool:
+    """Whether ``fn``'s first parameter is named ``media`` (the ``fn(media, conditions)`` form)."""
+    try:
+        params = list(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return False
+    return bool(params) and params[0] == "media"
+
+
 class NamedReward:
-    """Wraps a user reward: coerces its output to :class:`RewardOutput` and rejects non-finite values."""
+    """Wraps a user reward: calls it in its form, coerces its output to :class:`RewardOutput`, and rejects a
+    wrong length or a non-finite value, naming the reward."""
 
     def __init__(self, name: str, fn: Callable[..., Any]):
         self.name, self.fn = name, fn
+        self.media_form = takes_media(fn)
 
-    def __call__(self, images: torch.Tensor, prompts: list[str]) -> RewardOutput:
-        out = self.fn(images, prompts)
+    def __call__(self, media: Media, conditions: Conditions) -> RewardOutput:
+        if len(conditions) != media.num_samples:
+            raise ValueError(f"reward '{self.name}': {media.num_samples} samples but {len(conditions)} conditions")
+        out = self.fn(media, conditions) if self.media_form else self.fn(media.stills, list(conditions.prompts))
         if not isinstance(out, RewardOutput):
-            score = torch.as_tensor(np.asarray(out, dtype=np.float32))
+            try:
+                score = torch.as_tensor(np.asarray(out, dtype=np.float32))
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"reward '{self.name}' returned {type(out).__name__}, expected a RewardOutput or "
+                                 f"[B] float scores ({err})") from None
             out = RewardOutput(score=score, components={self.name: score})
-        if out.score.shape != (len(prompts),):
-            raise ValueError(f"reward '{self.name}' returned shape {tuple(out.score.shape)}, expected ({len(prompts)},)")
+        if out.score.shape != (len(conditions),):
+            raise ValueError(f"reward '{self.name}' returned shape {tuple(out.score.shape)}, expected ({len(conditions)},)")
         check_finite_reward(out, self.name)
         return out
 

@@ -5,10 +5,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import torch
-
 from rewards import build_reward, register
-from rlflow.types import RewardOutput
+from rlflow.types import Conditions, Media, RewardOutput
 
 
 @register("slow_judge")
@@ -23,7 +21,7 @@ class SlowJudge:
         self.seconds = seconds_per_batch
         self.inner = build_reward(inner, inner_kwargs)
 
-    def __call__(self, images: torch.Tensor, prompts: list[str]) -> RewardOutput:
-        out = self.inner(images, prompts)
+    def __call__(self, media: Media, conditions: Conditions) -> RewardOutput:
+        out = self.inner(media, conditions)
         time.sleep(self.seconds)
         return out

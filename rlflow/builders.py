@@ -6,20 +6,13 @@ from pathlib import Path
 
 import torch
 
-from rlflow.algos.policy_gradient import DPPO, GRPO, PolicyGradientAlgo
-from rlflow.config import (
-    AlgoConfig,
-    ConfigError,
-    DataConfig,
-    GRPOConfig,
-    ModelConfig,
-    SamplingConfig,
-    TrainConfig,
-)
-from rlflow.learner import LearnerSettings
+from rlflow.algos import Algorithm, build_algorithm
+from rlflow.config import Config, ConfigError, DataConfig, ModelConfig, SamplingConfig, TrainConfig
+from rlflow.learner import Learner, LearnerSettings
 from rlflow.models import load_policy
 from rlflow.models.base import FlowPolicy
-from rlflow.sampler import SamplerSettings, StepSettings
+from rlflow.sampler import Sampler, SamplerSettings
+from rlflow.sde import StepSettings
 from rlflow.tasks import PromptFileTask, ShapesTask, Task
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -45,10 +38,8 @@ def build_policy(m: ModelConfig, seed: int) -> FlowPolicy:
     return policy
 
 
-def build_algo(a: AlgoConfig) -> PolicyGradientAlgo:
-    if isinstance(a, GRPOConfig):
-        return GRPO(clip_range=a.clip_range, adv_clip=a.adv_clip, beta=a.beta)
-    return DPPO(kl_threshold=a.kl_threshold)
+def build_algo(cfg: Config) -> Algorithm:
+    return build_algorithm(cfg.algo)
 
 
 def step_settings(s: SamplingConfig) -> StepSettings:
@@ -74,3 +65,13 @@ def build_task(d: DataConfig) -> Task:
         return ShapesTask(d.eval_per_kind)
     assert d.train_file is not None
     return PromptFileTask(d.train_file, d.eval_file, d.eval_seeds)
+
+
+def build_sampler(policy: FlowPolicy, cfg: Config, *, adapter: str = "default") -> Sampler:
+    """A sampler of ``policy`` recording what the configured algorithm asks for, with LoRA ``adapter``."""
+    return Sampler(policy, sampler_settings(cfg.sampling), build_algo(cfg).rollout, adapter=adapter)
+
+
+def build_learner(policy: FlowPolicy, cfg: Config, *, rank: int = 0, world_size: int = 1) -> Learner:
+    return Learner(policy, build_algo(cfg), learner_settings(cfg.train, cfg.sampling), step_settings(cfg.sampling),
+                   rank=rank, world_size=world_size)

@@ -1,7 +1,10 @@
 """Checkpoints: ``<run_dir>/checkpoints/step_NNNNNN/`` with the LoRA (safetensors), the optimizer and RNG
-state, and a ``state.json`` (step counter, policy version, MLflow run id). A learner that keeps the previous
-policy version (the one-step-off pipeline samples with it) saves it too, as ``lora_previous.safetensors``. Written to a temporary folder
-and renamed, so a crash mid-write never leaves a half checkpoint that resume would pick up.
+state, and a ``state.json`` (step counter, policy version, MLflow run id). An algorithm's extra adapters are
+saved beside the trained one (``lora_<name>.safetensors``, e.g. DiffusionNFT's ``lora_old.safetensors``); a
+learner that keeps the previous policy version (the one-step-off pipeline samples with it) saves its
+sampling weights as ``lora_previous.safetensors``. Written to a temporary folder and renamed, so a crash
+mid-write never leaves a half checkpoint that resume would pick up. ``trainer.pt`` is loaded with
+``weights_only=True``: a checkpoint folder is data, never code.
 """
 
 from __future__ import annotations
@@ -11,10 +14,13 @@ import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from rlflow.types import LearnerState
+
+_PREVIOUS = "previous"
 
 
 @dataclass
@@ -31,17 +37,18 @@ def checkpoint_dir(run_dir: Path, step: int) -> Path:
     return run_dir / "checkpoints" / f"step_{step:06d}"
 
 
-def save_checkpoint(run_dir: Path, state: TrainState, learner: dict[str, Any]) -> Path:
-    """``learner``: a learner's state dict (``lora``, ``optimizer`` and optionally ``previous``, the LoRA of
-    policy version ``state.policy_version - 1``)."""
+def save_checkpoint(run_dir: Path, state: TrainState, learner: LearnerState) -> Path:
     final = checkpoint_dir(run_dir, state.step)
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file(_contiguous(learner["lora"]), str(tmp / "lora.safetensors"))
-    if learner.get("previous") is not None:
-        save_file(_contiguous(learner["previous"]), str(tmp / "lora_previous.safetensors"))
-    torch.save({"optimizer": learner["optimizer"], "torch_rng": torch.get_rng_state()}, tmp / "trainer.pt")
+    save_file(_contiguous(learner.lora), str(tmp / "lora.safetensors"))
+    for name, weights in learner.adapters.items():
+        save_file(_contiguous(weights), str(tmp / f"lora_{name}.safetensors"))
+    if learner.previous is not None:
+        save_file(_contiguous(learner.previous), str(tmp / f"lora_{_PREVIOUS}.safetensors"))
+    torch.save({"optimizer": learner.optimizer, "optimizer_steps": learner.optimizer_steps,
+                "torch_rng": torch.get_rng_state()}, tmp / "trainer.pt")
     (tmp / "state.json").write_text(json.dumps(asdict(state), indent=2) + "\n")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -56,15 +63,17 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def load_checkpoint(path: Path) -> tuple[TrainState, dict[str, Any]]:
-    """``(train state, learner state dict)``; restores the torch RNG."""
+def load_checkpoint(path: Path) -> tuple[TrainState, LearnerState]:
+    """``(train state, learner state)``; restores the torch RNG."""
     state = TrainState(**json.loads((path / "state.json").read_text()))
-    trainer = torch.load(path / "trainer.pt", weights_only=False)
+    trainer = torch.load(path / "trainer.pt", weights_only=True)
     torch.set_rng_state(trainer["torch_rng"])
-    learner = {"lora": load_file(str(path / "lora.safetensors")), "optimizer": trainer["optimizer"],
-               "version": state.policy_version}
-    if (path / "lora_previous.safetensors").is_file():
-        learner["previous"] = load_file(str(path / "lora_previous.safetensors"))
+    extra = {p.name[len("lora_"):-len(".safetensors")]: load_file(str(p)) for p in sorted(path.glob("lora_*.safetensors"))}
+    previous = extra.pop(_PREVIOUS, None)
+    learner = LearnerState(
+        lora=load_file(str(path / "lora.safetensors")), optimizer=trainer["optimizer"], version=state.policy_version,
+        optimizer_steps=int(trainer.get("optimizer_steps", 0)), adapters=extra, previous=previous,
+    )
     return state, learner
 
 

@@ -8,18 +8,18 @@ from __future__ import annotations
 import copy
 import os
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
+from rlflow.algos import ALGORITHMS
+from rlflow.algos.base import AlgoSection
+from rlflow.models import MODEL_FAMILIES
+from rlflow.schema import ConfigError
+from rlflow.schema import Section as _Section
 
-class ConfigError(ValueError):
-    """A bad config: the message names the key(s) and what is allowed."""
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+__all__ = ["Config", "ConfigError", "load_config", "validate", "apply_overrides", "to_dict"]
 
 
 class LoraConfig(_Section):
@@ -31,11 +31,18 @@ class LoraConfig(_Section):
 
 
 class ModelConfig(_Section):
-    family: Literal["sd3", "flux"] = "sd3"
+    family: str = Field("sd3", description="a registered model family (rlflow.models.MODEL_FAMILIES)")
     path: str = Field("builtin:shapes", description="diffusers folder, hub id, or builtin:shapes")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = "cpu"
     lora: LoraConfig = LoraConfig()
+
+    @field_validator("family")
+    @classmethod
+    def _family(cls, v: str) -> str:
+        if v not in MODEL_FAMILIES:
+            raise ValueError(f"unknown model family {v!r}; registered: {', '.join(MODEL_FAMILIES.names())}")
+        return v
 
 
 class DataConfig(_Section):
@@ -95,21 +102,12 @@ class RewardConfig(_Section):
     runtime_env: dict[str, Any] = Field(default_factory=dict, description="a Ray runtime_env for the reward's actors")
 
 
-class GRPOConfig(_Section):
-    name: Literal["grpo"] = "grpo"
-    clip_range: float = Field(1e-4, gt=0)
-    adv_clip: float = Field(5.0, gt=0)
-    beta: float = Field(0.0, ge=0)
-    global_std: bool = True
-
-
-class DPPOConfig(_Section):
-    name: Literal["dppo"] = "dppo"
-    kl_threshold: float = Field(1e-5, gt=0)
-    global_std: bool = True
-
-
-AlgoConfig = Annotated[GRPOConfig | DPPOConfig, Field(discriminator="name")]
+# The algorithm section is a tagged union of the registered algorithms' sections (rlflow/algos/*.py).
+_ALGOS: dict[str, type[AlgoSection]] = {name: ALGORITHMS.get(name).config for name in ALGORITHMS}
+if TYPE_CHECKING:
+    AlgoConfig = AlgoSection
+else:
+    AlgoConfig = Annotated[Union[tuple(_ALGOS.values())], Field(discriminator="name")]  # noqa: UP007
 
 
 class TrainConfig(_Section):
@@ -187,7 +185,7 @@ class Config(_Section):
     data: DataConfig = DataConfig()
     sampling: SamplingConfig = SamplingConfig()
     reward: RewardConfig = RewardConfig()
-    algo: AlgoConfig = Field(default_factory=DPPOConfig)
+    algo: AlgoConfig = Field(default_factory=lambda: _ALGOS["dppo"]())  # type: ignore[call-arg]
     train: TrainConfig = TrainConfig()
     tracking: TrackingConfig = TrackingConfig()
     ray: RayConfig = RayConfig()
@@ -217,9 +215,6 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
                 raise ConfigError(f"--set {key}: '{p}' is not a section")
         node[parts[-1]] = yaml.safe_load(value)
     return out
-
-
-_ALGOS: dict[str, type[BaseModel]] = {"grpo": GRPOConfig, "dppo": DPPOConfig}
 
 
 def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:

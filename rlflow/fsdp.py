@@ -122,21 +122,21 @@ def full_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return {k: full_tensor(v).detach().to("cpu", copy=True) for k, v in state.items()}
 
 
-def full_lora_state(policy: FlowPolicy) -> dict[str, Tensor]:
+def full_lora_state(policy: FlowPolicy, adapter: str = "default") -> dict[str, Tensor]:
     """``policy.lora_state_dict()`` with whole, plain CPU tensors (the keys of the unsharded policy).
 
     Collective on a sharded policy: every rank must call it (one all-gather per LoRA tensor). On an
     unsharded policy it is a plain copy, so a learner can call it either way."""
-    return full_state(policy.lora_state_dict())
+    return full_state(policy.lora_state_dict(adapter))
 
 
-def load_full_lora_state(policy: FlowPolicy, state: dict[str, Tensor]) -> None:
+def load_full_lora_state(policy: FlowPolicy, state: dict[str, Tensor], adapter: str = "default") -> None:
     """Load whole LoRA tensors (keys of :meth:`lora_state_dict`) into the policy; each rank of a sharded
     policy keeps its own slice (no communication: every rank must pass the same tensors). DTensors (a
     sharded ``lora_state_dict()``, e.g. a snapshot) load as they are; on an unsharded policy it is
     ``load_lora_state_dict``. (This torch's DTensor ``copy_`` also takes the local slice of a plain tensor,
     so ``policy.load_lora_state_dict`` of whole tensors works on a sharded policy; this makes it explicit.)"""
-    current = policy.lora_state_dict()
+    current = policy.lora_state_dict(adapter)
     unexpected = [k for k in state if k not in current]
     if unexpected:
         raise ValueError(f"LoRA state has keys this model does not: {unexpected[:5]}")
@@ -148,7 +148,7 @@ def load_full_lora_state(policy: FlowPolicy, state: dict[str, Tensor]) -> None:
                 raise ValueError(f"LoRA tensor {key}: shape {tuple(value.shape)}, the model has {tuple(ref.shape)}")
             value = _shard_like(value, ref)
         converted[key] = value
-    policy.load_lora_state_dict(converted)
+    policy.load_lora_state_dict(converted, adapter)
 
 
 def _shard_like(full: Tensor, ref: DTensor) -> DTensor:

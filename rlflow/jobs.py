@@ -30,6 +30,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from rlflow.config import ConfigError, load_config, to_dict
+from rlflow.workdir import EXCLUDES
 
 __all__ = [
     "DEFAULT_ADDRESS",
@@ -53,27 +54,6 @@ DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 TERMINAL = frozenset({"SUCCEEDED", "FAILED", "STOPPED"})
 CONFIG_ENV = "RLFLOW_JOB_CONFIG"
 CONNECT_TIMEOUT_S = 5.0
-
-# gitignore syntax, relative to the working dir (Ray also honours the working dir's .gitignore). No
-# trailing slashes: Ray matches directories by their bare relative path. The toy base model ships as
-# safetensors inside the package, which the job imports from its copy of the working dir: keep those.
-EXCLUDES = [
-    ".git",
-    ".venv",
-    "venv",
-    "runs",
-    "mlruns",
-    "mlartifacts",
-    "__pycache__",
-    ".mypy_cache",
-    ".pytest_cache",
-    ".ruff_cache",
-    "*.egg-info",
-    "*.pt",
-    "*.ckpt",
-    "*.safetensors",
-    "!rlflow/**/*.safetensors",
-]
 
 # Ray's INFO notes per ignored file and per closed log stream, and its warning that .git/.venv are now
 # left out of working dirs by default (EXCLUDES leaves them out anyway)

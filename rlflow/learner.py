@@ -1,27 +1,30 @@
-"""The learner: replays the trained steps of a rollout batch and optimises the LoRA with AdamW.
+"""The learner: the algorithm's micro-batch loss over a rollout batch, and AdamW on the LoRA.
 
-Micro-batches follow the sampler's chunks (same samples, same order), so a replay at the rollout weights
-reproduces the rollout log-probs bit for bit; an optimizer step accumulates gradients over a shuffled set of
-chunks (``minibatches`` disjoint sets per rollout batch).
+It knows nothing of any one algorithm: it reads the algorithm's declarations (extra adapters, anchors, the
+adapter the samplers sample with), runs its ``prepare`` and ``loss`` per micro-batch and term, and its
+``after_update``. Micro-batches follow the sampler's chunks (same samples, same order), so a replay at the
+rollout weights reproduces the rollout log-probs bit for bit; an optimizer step accumulates gradients over a
+shuffled set of chunks (``minibatches`` disjoint sets per rollout batch).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from rlflow.algos.policy_gradient import PolicyGradientAlgo
+from rlflow.algos.base import Algorithm, LossModel, MicroBatch
 from rlflow.models.base import Conditioning, FlowPolicy
-from rlflow.sampler import StepSettings, chunks, policy_step
-from rlflow.types import StepOut, Trajectories
+from rlflow.sampler import chunks
+from rlflow.sde import StepSettings
+from rlflow.types import LearnerState, Rollout
 
 
 @dataclass(frozen=True)
@@ -34,28 +37,34 @@ class LearnerSettings:
 
 
 class Learner:
-    """Owns the optimizer of ``policy``'s trainable (LoRA) parameters.
+    """Owns the optimizer of ``policy``'s trainable (LoRA) parameters and the algorithm's extra adapters.
 
     With ``world_size > 1`` the learner is rank ``rank`` of a data-parallel group (``torch.distributed``
-    must be initialised): every rank sees the whole batch, replays only its share of each mini-batch's
+    must be initialised): every rank sees the whole batch, runs only its share of each mini-batch's
     chunks, and the summed gradients are all-reduced before clipping, so every rank takes the same optimizer
     step as a single process on the whole batch. After :meth:`shard` (FSDP2) the weights, gradients and
     optimizer state are sharded instead and FSDP sums the gradients; every rank then runs the same number of
-    forwards and backwards (a rank with fewer chunks replays a zero-weighted one), as FSDP's collectives need.
-    ``version`` counts optimizer updates (policy versions).
+    forwards and backwards (a rank with fewer chunks runs a zero-weighted one), as FSDP's collectives need.
+    ``version`` counts updates (policy versions); the sampling weights of the last ``keep_versions`` versions
+    are kept (a one-step-off batch is replayed, or re-sampled, at the version that made it).
     """
 
     def __init__(
-        self, policy: FlowPolicy, algo: PolicyGradientAlgo, settings: LearnerSettings, step: StepSettings,
+        self, policy: FlowPolicy, algo: Algorithm, settings: LearnerSettings, step: StepSettings,
         *, rank: int = 0, world_size: int = 1, keep_versions: int = 2,
     ):
         self.policy, self.algo, self.settings, self.step = policy, algo, settings, step
         self.rank, self.world_size, self.keep_versions = rank, world_size, keep_versions
+        for name in algo.policies.extra_adapters:
+            policy.add_adapter_copy(name)
+        self.sample_with = algo.policies.sample_with
+        self.model = LossModel(policy, step)
         self.params = policy.trainable_parameters()
         if not self.params:
             raise ValueError("the policy has no trainable parameters: add a LoRA first")
         self.optimizer = torch.optim.AdamW(self.params, lr=settings.lr, weight_decay=settings.weight_decay)
         self.version = 0
+        self.optimizer_steps = 0
         self.sharded = False
         self._snapshots: dict[int, dict[str, Tensor]] = {}
 
@@ -70,102 +79,112 @@ class Learner:
 
     def _share(self, indices: list[int]) -> tuple[list[int], int]:
         """This rank's part of ``indices`` (every ``world_size``-th) and, when sharded, how many zero-weighted
-        replays pad it to the largest part (all ranks must run the same forwards)."""
+        passes pad it to the largest part (all ranks must run the same forwards)."""
         mine = [i for pos, i in enumerate(indices) if pos % self.world_size == self.rank]
         pad = (-(-len(indices) // self.world_size) - len(mine)) if self.sharded else 0
         return mine, pad
 
-    def replay(self, traj: Trajectories, sl: slice, j: int, cond: Conditioning) -> StepOut:
-        """Re-score trained step ``j`` of the samples in ``sl`` at the current weights."""
-        dev = self.params[0].device
-        return policy_step(
-            self.policy, traj.x[sl, j].to(dev), float(traj.t[j]), float(traj.t_next[j]), traj.t_max, cond,
-            self.step, stochastic=True, prev_sample=traj.x_next[sl, j].to(dev),
-        )
+    def micro_batch(self, rollout: Rollout, sl: slice, cond: Conditioning, adv: Tensor, seed: int) -> MicroBatch:
+        return MicroBatch(rollout.index(sl), cond.index(sl), adv[sl].to(self.model.device), seed)
 
     @torch.no_grad()
-    def anchors(self, traj: Trajectories, cond: Conditioning, owned: list[slice], pad: int = 0) -> tuple[Tensor, Tensor]:
-        """``(logp_old [B, S], mean_old [B, S, ...])`` of the ``owned`` chunks, replayed at the rollout's policy
-        version: the current weights, or the LoRA snapshot of an older version when the batch is stale
-        (one-step-off pipeline). A version no longer kept falls back to the rollout's recorded values.
-        ``pad``: extra replays whose results are dropped (a sharded rank keeps step with the others)."""
-        logp, mean = traj.log_prob.clone(), traj.mean.clone()
-        if traj.policy_version != self.version and traj.policy_version not in self._snapshots:
-            return logp, mean
-        with self.at_version(traj.policy_version):
-            for sl in owned:
-                c = cond.index(sl)
-                outs = [self.replay(traj, sl, j, c) for j in range(traj.num_steps)]
-                logp[sl] = torch.stack([o.log_prob.cpu() for o in outs], 1)
-                mean[sl] = torch.stack([o.mean.cpu() for o in outs], 1)
-            dummy = slice(0, min(1, traj.num_samples))
-            for _ in range(pad):
-                for j in range(traj.num_steps):
-                    self.replay(traj, dummy, j, cond.index(dummy))
-        return logp, mean
+    def prepare(self, mbs: list[MicroBatch], pad: int, fallback: MicroBatch) -> tuple[list[MicroBatch], MicroBatch | None]:
+        """Each micro-batch with what the algorithm prepares at the rollout's weights (its anchors, when it
+        declares ``anchors``), and the one-sample micro-batch of this rank's ``pad`` zero-weighted passes (a
+        sharded rank keeps step with the others: it runs ``pad`` prepare passes here too), or ``None``."""
+        dummy = self._dummy(mbs[0] if mbs else fallback) if pad else None
+        if not self.algo.policies.anchors:
+            return mbs, dummy
+        with self.at_version(fallback.rollout.policy_version):
+            out = [dataclasses.replace(mb, prepared=self.algo.prepare(self.model, mb)) for mb in mbs]
+            if dummy is not None:
+                for _ in range(pad):
+                    prepared = self.algo.prepare(self.model, dummy)
+                dummy = dataclasses.replace(dummy, prepared=prepared)
+        return out, dummy
+
+    @staticmethod
+    def _dummy(mb: MicroBatch) -> MicroBatch:
+        one = slice(0, min(1, mb.size))
+        return MicroBatch(mb.rollout.index(one), mb.cond.index(one), mb.adv[one], mb.seed)
 
     @contextlib.contextmanager
     def at_version(self, version: int) -> Iterator[None]:
-        """Inside the block the policy holds the LoRA of ``version`` (the current one, or a kept snapshot)."""
+        """Inside the block the sampling adapter holds its weights of ``version`` (current, or a kept one)."""
         if version == self.version:
             yield
             return
         if version not in self._snapshots:
             raise KeyError(f"policy version {version} is not kept (kept: {sorted(self._snapshots)}, current {self.version})")
-        current = self.policy.lora_state_dict()
-        self.policy.load_lora_state_dict(self._snapshots[version])
+        current = self.policy.lora_state_dict(self.sample_with)
+        self.policy.load_lora_state_dict(self._snapshots[version], self.sample_with)
         try:
             yield
         finally:
-            self.policy.load_lora_state_dict(current)
+            self.policy.load_lora_state_dict(current, self.sample_with)
 
-    def update(self, traj: Trajectories, adv: Tensor, *, seed: int) -> dict[str, float]:
+    def has_version(self, version: int) -> bool:
+        return version == self.version or version in self._snapshots
+
+    def update(self, rollout: Rollout, adv: Tensor, *, seed: int) -> dict[str, float]:
         """One pass over the batch: ``minibatches`` optimizer steps. Returns aggregated stats."""
-        return merge_stats([self.update_raw(traj, adv, seed=seed)])
+        return merge_stats([self.update_raw(rollout, adv, seed=seed)])
 
-    def update_raw(self, traj: Trajectories, adv: Tensor, *, seed: int) -> StatState:
+    def update_raw(self, rollout: Rollout, adv: Tensor, *, seed: int) -> StatState:
         """:meth:`update` returning this rank's un-normalised stats (combine ranks with :func:`merge_stats`)."""
-        cond = self.policy.encode_prompts(traj.prompts)
-        mbs = chunks(traj.num_samples, self.settings.micro_batch)
-        order = np.random.default_rng(seed).permutation(len(mbs))
-        groups = [g for g in np.array_split(order, min(self.settings.minibatches, len(mbs))) if len(g)]
-        shares = [self._share([int(i) for i in g]) for g in groups]
-        if self.algo.needs_anchors:
-            logp_old, mean_old = self.anchors(
-                traj, cond, [mbs[i] for mine, _ in shares for i in mine], sum(pad for _, pad in shares))
-        else:
-            logp_old, mean_old = traj.log_prob, traj.mean
+        self.policy.transformer.train()
+        try:
+            return self._update(rollout, adv, seed)
+        finally:
+            self.policy.transformer.eval()
+
+    def _update(self, rollout: Rollout, adv: Tensor, seed: int) -> StatState:
+        cond = self.policy.encode(rollout.conditions)
+        spans = chunks(rollout.num_samples, self.settings.micro_batch)
+        order = np.random.default_rng(seed).permutation(len(spans))
+        groups = [[int(i) for i in g] for g in np.array_split(order, min(self.settings.minibatches, len(spans))) if len(g)]
+        shares = [self._share(g) for g in groups]
+        owned = [i for mine, _ in shares for i in mine]
+        prepared, dummy = self.prepare([self.micro_batch(rollout, spans[i], cond, adv, seed) for i in owned],
+                                       sum(pad for _, pad in shares), self.micro_batch(rollout, spans[0], cond, adv, seed))
+        mbs = dict(zip(owned, prepared, strict=True))
         self._snapshot()
+        terms = self.algo.num_terms(rollout)
         acc = _StatAccumulator()
-        for group, (owned, pad) in zip(groups, shares, strict=True):
-            count = sum(mbs[i].stop - mbs[i].start for i in group) * traj.num_steps
+        for group, (mine, pad) in zip(groups, shares, strict=True):
+            count = sum(spans[i].stop - spans[i].start for i in group) * terms
             self.optimizer.zero_grad(set_to_none=True)
-            for i in owned:
-                self._accumulate(traj, mbs[i], cond, logp_old, mean_old, adv, count, acc)
+            for i in mine:
+                self._accumulate(mbs[i], terms, count, acc)
             for _ in range(pad):
-                self._accumulate(traj, mbs[int(group[0])], cond, logp_old, mean_old, adv, count, acc, weight=0.0)
+                self._accumulate(dummy, terms, count, acc, weight=0.0)  # type: ignore[arg-type]
             self._allreduce_grads()
             grad_norm = self._clip()
             self.optimizer.step()
+            self.optimizer_steps += 1
             if self.rank == 0:
                 acc.add({"grad_norm": grad_norm.detach()}, 1)
         self.version += 1
+        after = self.algo.after_update(self.policy, self.optimizer_steps)
+        if self.rank == 0:
+            acc.add({k: torch.tensor(v) for k, v in after.items()}, 1)
         return acc.state()
 
-    def gradient(self, traj: Trajectories, adv: Tensor) -> Tensor:
+    def gradient(self, rollout: Rollout, adv: Tensor, *, seed: int = 0) -> Tensor:
         """The (all-reduced) gradient of the whole batch's loss as one mini-batch, flattened; no optimizer
-        step. With ranks, each replays its share of the chunks, as in :meth:`update`."""
-        cond = self.policy.encode_prompts(traj.prompts)
-        mbs = chunks(traj.num_samples, self.settings.micro_batch)
-        owned, pad = self._share(list(range(len(mbs))))
-        logp_old, mean_old = self.anchors(traj, cond, [mbs[i] for i in owned], pad) if self.algo.needs_anchors else (
-            traj.log_prob, traj.mean)
+        step. With ranks, each runs its share of the chunks, as in :meth:`update`."""
+        cond = self.policy.encode(rollout.conditions)
+        spans = chunks(rollout.num_samples, self.settings.micro_batch)
+        owned, pad = self._share(list(range(len(spans))))
+        mbs, dummy = self.prepare([self.micro_batch(rollout, spans[i], cond, adv, seed) for i in owned], pad,
+                                  self.micro_batch(rollout, spans[0], cond, adv, seed))
         self.optimizer.zero_grad(set_to_none=True)
-        count = traj.num_samples * traj.num_steps
-        for i in owned:
-            self._accumulate(traj, mbs[i], cond, logp_old, mean_old, adv, count, _StatAccumulator())
+        terms = self.algo.num_terms(rollout)
+        count = rollout.num_samples * terms
+        for mb in mbs:
+            self._accumulate(mb, terms, count, _StatAccumulator())
         for _ in range(pad):
-            self._accumulate(traj, mbs[0], cond, logp_old, mean_old, adv, count, _StatAccumulator(), weight=0.0)
+            self._accumulate(dummy, terms, count, _StatAccumulator(), weight=0.0)  # type: ignore[arg-type]
         self._allreduce_grads()
         if self.sharded:
             from rlflow import fsdp
@@ -184,8 +203,9 @@ class Learner:
         return torch.nn.utils.clip_grad_norm_(self.params, self.settings.grad_clip)
 
     def _snapshot(self) -> None:
-        """Keep the LoRA of the current version (anchors of batches sampled at it may arrive later)."""
-        self._snapshots[self.version] = {k: v.detach().clone() for k, v in self.policy.lora_state_dict().items()}
+        """Keep the sampling weights of the current version (batches sampled at it may arrive later)."""
+        self._snapshots[self.version] = {
+            k: v.detach().clone() for k, v in self.policy.lora_state_dict(self.sample_with).items()}
         for v in sorted(self._snapshots)[: -self.keep_versions]:
             del self._snapshots[v]
 
@@ -204,57 +224,52 @@ class Learner:
             p.grad.copy_(flat[offset : offset + n].view_as(p))  # type: ignore[union-attr]
             offset += n
 
-    def _accumulate(
-        self, traj: Trajectories, sl: slice, cond: Conditioning, logp_old: Tensor, mean_old: Tensor,
-        adv: Tensor, count: int, acc: _StatAccumulator, weight: float = 1.0,
-    ) -> None:
-        """Backpropagate the chunk's loss, scaled by its share ``n / count`` of the mini-batch (times
-        ``weight``: 0 for a padding replay, which adds no gradient and no stats)."""
-        dev = self.params[0].device
-        c = cond.index(sl)
-        a = adv[sl].to(dev)
-        for j in range(traj.num_steps):
-            new = self.replay(traj, sl, j, c)
-            ref_mean = None
-            if self.algo.needs_reference:
-                with torch.no_grad(), self.policy.reference():
-                    ref_mean = self.replay(traj, sl, j, c).mean
-            loss, stats = self.algo.loss(new, logp_old[sl, j].to(dev), mean_old[sl, j].to(dev), a, ref_mean)
-            n = sl.stop - sl.start
-            (loss * (weight * n / count)).backward()
+    def _accumulate(self, mb: MicroBatch, terms: int, count: int, acc: _StatAccumulator, weight: float = 1.0) -> None:
+        """Backpropagate the micro-batch's loss, each term scaled by its share ``n / count`` of the mini-batch
+        (times ``weight``: 0 for a padding pass, which adds no gradient and no stats)."""
+        for j in range(terms):
+            loss, stats = self.algo.loss(self.model, mb, j)
+            (loss * (weight * mb.size / count)).backward()
             if weight:
-                acc.add(stats, n)
+                acc.add(stats, mb.size)
 
-    def state_dict(self, *, with_previous: bool = False) -> dict[str, Any]:
-        """``lora``, ``optimizer`` and ``version``; ``with_previous`` adds ``previous``, the kept LoRA of version
-        ``version - 1`` (a one-step-off pipeline samples the next batch with it), when there is one."""
-        if self.sharded:  # gathered whole: collective, every rank must call it
-            from rlflow import fsdp
+    def state(self, *, with_previous: bool = False) -> LearnerState:
+        """Whole tensors in the one-process layout (sharded: gathered, so every rank must call it);
+        ``with_previous`` adds the sampling weights of version ``version - 1`` when they are kept."""
+        from rlflow import fsdp
 
-            state = {"optimizer": fsdp.full_optimizer_state(self.optimizer), "lora": fsdp.full_lora_state(self.policy),
-                     "version": self.version}
-            if with_previous and self.version - 1 in self._snapshots:
-                state["previous"] = fsdp.full_state(self._snapshots[self.version - 1])
-            return state
-        state = {"optimizer": self.optimizer.state_dict(), "lora": self.policy.lora_state_dict(), "version": self.version}
-        if with_previous and self.version - 1 in self._snapshots:
-            state["previous"] = self._snapshots[self.version - 1]
-        return state
+        whole = fsdp.full_state if self.sharded else dict
+        previous = self._snapshots.get(self.version - 1) if with_previous else None
+        return LearnerState(
+            lora=fsdp.full_lora_state(self.policy) if self.sharded else self.policy.lora_state_dict(),
+            optimizer=fsdp.full_optimizer_state(self.optimizer) if self.sharded else self.optimizer.state_dict(),
+            version=self.version, optimizer_steps=self.optimizer_steps,
+            adapters={a: (fsdp.full_lora_state(self.policy, a) if self.sharded else self.policy.lora_state_dict(a))
+                      for a in self.algo.policies.extra_adapters},
+            previous=None if previous is None else whole(previous),
+        )
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Load a state dict of whole tensors (also into a sharded learner: each rank keeps its slice)."""
+    def load_state(self, state: LearnerState) -> None:
+        """Load whole tensors (also into a sharded learner: each rank keeps its slice)."""
+        from rlflow import fsdp
+
+        missing = [a for a in self.algo.policies.extra_adapters if a not in state.adapters]
+        if missing:
+            raise ValueError(f"the checkpoint has no weights of the {self.algo.name} adapter(s) {missing}")
         if self.sharded:
-            from rlflow import fsdp
-
-            fsdp.load_full_lora_state(self.policy, state["lora"])
-            fsdp.load_full_optimizer_state(self.optimizer, state["optimizer"])
+            fsdp.load_full_lora_state(self.policy, state.lora)
+            fsdp.load_full_optimizer_state(self.optimizer, state.optimizer)
+            for a in self.algo.policies.extra_adapters:
+                fsdp.load_full_lora_state(self.policy, state.adapters[a], a)
         else:
-            self.policy.load_lora_state_dict(state["lora"])
-            self.optimizer.load_state_dict(state["optimizer"])
-        self.version = int(state.get("version", self.version))
+            self.policy.load_lora_state_dict(state.lora)
+            self.optimizer.load_state_dict(state.optimizer)
+            for a in self.algo.policies.extra_adapters:
+                self.policy.load_lora_state_dict(state.adapters[a], a)
+        self.version, self.optimizer_steps = state.version, state.optimizer_steps
         self._snapshots.clear()
-        if state.get("previous") is not None:
-            self._snapshots[self.version - 1] = {k: v.detach().clone() for k, v in state["previous"].items()}
+        if state.previous is not None:
+            self._snapshots[self.version - 1] = {k: v.detach().clone() for k, v in state.previous.items()}
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,17 @@
-"""The bookkeeping of one training run, shared by the in-process :class:`rlflow.trainer.Trainer` and the Ray
-driver (``workers/driver.py``): run folder, resumable state, MLflow run, step metrics, image grids,
-checkpoints and the closing summary. It never touches a model: callers pass images, stats and weights in.
+"""The one training loop: named stages over an executor, and the bookkeeping of a run.
+
+    prompts      the seeded conditions of step k (``group_size`` copies of each)
+    rollout      the pipeline mode launches it on the executor (now, or one step ahead)
+    score        the executor collects the rollout and its rewards
+    advantages   group-normalised (ALGORITHMS.md section 0)
+    update       the learner(s) run the algorithm's loss; the policy version advances
+    sync         the new sampling weights reach the samplers
+    eval / log / checkpoint   MLflow metrics, sample grids, resumable checkpoints
+
+The step is written once (:class:`Run`). Where it runs is an :class:`Executor`: plain objects in this process
+(:class:`rlflow.executor.InProcessExecutor`) or Ray actors (``workers/executor.py``); how rollouts overlap
+updates is a :class:`Pipeline`. Neither the stages nor the executors branch on an algorithm. Every source of
+randomness of step k is seeded from ``(seed, k)``, so a resumed run repeats an uninterrupted one exactly.
 """
 
 from __future__ import annotations
@@ -8,7 +19,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -16,49 +27,97 @@ import numpy as np
 import torch
 import yaml
 
+from rlflow import builders
+from rlflow.algos import group_advantages
 from rlflow.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
 from rlflow.config import Config, to_dict
+from rlflow.seeding import step_seed
+from rlflow.tasks import Task
 from rlflow.tracking import Tracker, default_tracking_uri
-from rlflow.types import RewardOutput
+from rlflow.types import Conditions, LearnerState, Media, RewardOutput
+
+__all__ = ["Run", "RunRecorder", "StepBatch", "Collected", "Executor", "Pipeline", "ResumableError", "step_seed"]
 
 
 @dataclass(frozen=True)
 class StepBatch:
-    """The prompts of one rollout batch: ``group_size`` copies of each prompt; ``group_ids`` ``[B]`` int64."""
+    """The conditions of one rollout batch: ``group_size`` copies of each; ``group_ids`` ``[B]`` int64."""
 
-    prompts: list[str]
+    conditions: Conditions
     group_ids: torch.Tensor
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.conditions)
+
+
+def step_batch(cfg: Config, task: Task, step: int) -> StepBatch:
+    """The seeded conditions of step ``step``."""
+    s = cfg.sampling
+    rng = np.random.default_rng(step_seed(cfg.seed, step, 0))
+    unique = task.train_conditions(rng, s.prompts_per_step)
+    group_ids = torch.arange(len(unique)).repeat_interleave(s.group_size) + step * s.prompts_per_step
+    return StepBatch(unique.repeat(s.group_size), group_ids)
 
 
 @dataclass(frozen=True)
-class StepTimes:
-    """Wall seconds of a step's stages (``rollout`` includes scoring that overlapped it)."""
+class Collected:
+    """A finished rollout and its scores, as an executor hands them to the update.
 
-    rollout: float
-    reward: float
-    update: float
-    sync: float = 0.0
+    rollout: the executor's handle of the batch (an in-process :class:`rlflow.types.Rollout`, or object
+             references on Ray); only the executor reads it.
+    rewards: ``[B]`` scores (and components) in batch order.
+    version: the policy version that sampled the batch.
+    rollout_seconds, reward_seconds: wall time of sampling, and of scoring after it.
+    metrics: executor-specific figures of this step (e.g. redone chunks), logged as they are.
+    """
+
+    rollout: Any
+    rewards: RewardOutput
+    version: int
+    rollout_seconds: float
+    reward_seconds: float
+    metrics: dict[str, float] = field(default_factory=dict)
 
 
-def step_seed(seed: int, step: int, stream: int) -> int:
-    """A 63-bit seed for stream ``stream`` of step ``step``."""
-    return int(np.random.SeedSequence([seed, step, stream]).generate_state(2, dtype=np.uint64)[0] >> np.uint64(1))
+class Executor(Protocol):
+    """Where the stages run. ``launch`` may return before the rollout is done; ``collect`` waits for it."""
+
+    def tags(self) -> dict[str, str]: ...
+
+    def start(self, version: int) -> None:
+        """Give the samplers the weights of ``version`` (and of ``version - 1`` when the learner kept them)."""
+        ...
+
+    def has_version(self, version: int) -> bool: ...
+
+    def launch(self, step: int, batch: StepBatch, seed: int, version: int) -> Any: ...
+
+    def collect(self, job: Any) -> Collected: ...
+
+    def update(self, got: Collected, adv: torch.Tensor, seed: int, step: int) -> dict[str, float]: ...
+
+    def sync(self, version: int) -> None: ...
+
+    def sample(self, conditions: Conditions, seeds: list[int]) -> Media: ...
+
+    def score(self, media: Media, conditions: Conditions) -> RewardOutput: ...
+
+    def learner_state(self) -> LearnerState: ...
+
+    def load_learner_state(self, state: LearnerState) -> None: ...
+
+    def shutdown(self) -> None: ...
 
 
-def step_batch(cfg: Config, task: Any, step: int) -> StepBatch:
-    """The seeded prompts of step ``step`` (``task``: a :class:`rlflow.tasks.Task`)."""
-    s = cfg.sampling
-    rng = np.random.default_rng(step_seed(cfg.seed, step, 0))
-    unique = task.train_prompts(rng, s.prompts_per_step)
-    prompts = [p for p in unique for _ in range(s.group_size)]
-    group_ids = torch.arange(len(unique)).repeat_interleave(s.group_size) + step * s.prompts_per_step
-    return StepBatch(prompts, group_ids)
+class ResumableError(RuntimeError):
+    """The run cannot continue (e.g. a learner died), but its last checkpoint is intact."""
 
 
 class RunRecorder:
     """Opens (or re-opens) the run in ``run_dir``: its checkpoint state and its MLflow run.
 
-    ``resume``: the latest checkpoint's learner state dict (for ``Learner.load_state_dict``), or ``None``.
+    ``resume``: the latest checkpoint's learner state, or ``None``.
     """
 
     def __init__(
@@ -68,7 +127,7 @@ class RunRecorder:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.state = TrainState()
         self.resumed_from = latest_checkpoint(self.run_dir)
-        self.resume: dict[str, Any] | None = None
+        self.resume: LearnerState | None = None
         if self.resumed_from is not None:
             self.state, self.resume = load_checkpoint(self.resumed_from)
         uri = cfg.tracking.tracking_uri or default_tracking_uri(cfg.output_dir)
@@ -90,37 +149,36 @@ class RunRecorder:
         self.tracker.log_metrics({f"eval/{k}": v for k, v in eval_metrics.items()}, step=0)
 
     def step_metrics(
-        self, rewards: RewardOutput, stats: dict[str, float], rollout_version: int, num_samples: int, times: StepTimes
+        self, got: Collected, stats: dict[str, float], num_samples: int, *, update: float, sync: float
     ) -> dict[str, float]:
-        score = rewards.score.double()  # fp64 means: independent of how the batch was split and strided
+        score = got.rewards.score.double()  # fp64 means: independent of how the batch was split and strided
         m = {"reward/mean": float(score.mean()), "reward/std": float(score.std(unbiased=False))}
-        for k, v in rewards.components.items():
+        for k, v in got.rewards.components.items():
             m[f"reward/{k}_mean"] = float(v.double().mean())
             m[f"reward/{k}_std"] = float(v.double().std(unbiased=False))
         m.update({f"train/{k}": v for k, v in stats.items()})
         m["train/policy_version"] = float(self.state.policy_version)
-        m["train/policy_lag"] = float(self.state.policy_version - 1 - rollout_version)
-        m.update({"time/rollout": times.rollout, "time/reward": times.reward, "time/update": times.update})
-        if times.sync:
-            m["time/sync"] = times.sync
-        m["throughput/rollout_images_per_s"] = num_samples / max(times.rollout, 1e-9)
+        m["train/policy_lag"] = float(self.state.policy_version - 1 - got.version)
+        m.update({"time/rollout": got.rollout_seconds, "time/reward": got.reward_seconds, "time/update": update,
+                  "time/sync": sync})
+        m["throughput/rollout_images_per_s"] = num_samples / max(got.rollout_seconds, 1e-9)
+        m.update(got.metrics)
         return m
 
     def log_step(self, metrics: dict[str, float]) -> None:
         self.state.history.update({k: v for k, v in metrics.items() if k.startswith(("eval/", "reward/"))})
         self.tracker.log_metrics(metrics, step=self.state.step)
 
-    def log_images(self, task: Any, sample: Callable[[list[str], list[int]], torch.Tensor], step: int) -> None:
-        """A grid of up to 16 held-out prompts sampled with the eval sampler."""
-        prompts, seeds = task.eval_set()
-        n = min(16, len(prompts))
-        idx = np.linspace(0, len(prompts) - 1, n).astype(int).tolist()
-        sel_p, sel_s = [prompts[i] for i in idx], [seeds[i] for i in idx]
-        self.tracker.log_image_grid(sample(sel_p, sel_s), sel_p, step=step, name="eval_samples")
+    def log_samples(self, task: Task, sample: Callable[[Conditions, list[int]], Media], step: int) -> None:
+        """Up to 16 held-out samples (a captioned grid; videos also as strips and a GIF)."""
+        conditions, seeds = task.eval_set()
+        n = min(16, len(conditions))
+        idx = np.linspace(0, len(conditions) - 1, n).astype(int).tolist()
+        sel = conditions.index(idx)
+        self.tracker.log_media(sample(sel, [seeds[i] for i in idx]), list(sel.prompts), step=step, name="eval_samples")
 
-    def checkpoint(self, learner: dict[str, Any]) -> Path:
-        """Save the resumable checkpoint (``learner``: the learner's state dict) locally and log its LoRA
-        weights to MLflow."""
+    def checkpoint(self, learner: LearnerState) -> Path:
+        """Save the resumable checkpoint locally and log its LoRA weights to MLflow."""
         path = save_checkpoint(self.run_dir, self.state, learner)
         self.tracker.log_artifact(path / "lora.safetensors", f"checkpoints/{path.name}")
         return path
@@ -165,36 +223,196 @@ class RunRecorder:
         return summary
 
 
-class TrainingLoop(Protocol):
-    """What :func:`run_loop` drives: the in-process Trainer and the Ray driver."""
+class Pipeline(Protocol):
+    """When rollouts are launched, and with which weights (``ray.pipeline``). ``lag``: updates between the
+    weights a batch was sampled with and the update it feeds."""
 
-    cfg: Config
-    rec: RunRecorder
-    task: Any
+    lag: int
 
-    def evaluate(self) -> dict[str, float]: ...
-
-    def sample(self, prompts: list[str], seeds: list[int]) -> torch.Tensor: ...
-
-    def train_step(self) -> dict[str, float]: ...
+    def rollout_for(self, run: Run, step: int) -> Any:
+        """The launched rollout of ``step`` (launching more ahead, if the mode does)."""
+        ...
 
 
-def run_loop(loop: TrainingLoop, progress: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, Any]:
-    """Train until ``train.steps`` (first evaluating, on a fresh run); returns the summary. The MLflow run is
-    marked FAILED on an error and KILLED on Ctrl-C or SIGTERM; the last checkpoint stays resumable."""
-    rec, start = loop.rec, time.time()
-    try:
-        if rec.state.step == 0:
-            rec.log_start(loop.evaluate())
-            rec.log_images(loop.task, loop.sample, 0)
-        while rec.state.step < loop.cfg.train.steps:
-            metrics = loop.train_step()
-            if progress:
-                progress(rec.state.step, metrics)
-        return rec.finish(time.time() - start)
-    except Exception:
-        rec.tracker.finish("FAILED")
-        raise
-    except BaseException:
-        rec.tracker.finish("KILLED")
-        raise
+class Synchronous:
+    """``sync`` / ``sequential``: step k's rollout is launched at step k with the latest weights (lag 0).
+    The two differ only in when a Ray executor scores chunks (``scores_each_chunk``)."""
+
+    lag = 0
+
+    def __init__(self, scores_each_chunk: bool) -> None:
+        self.scores_each_chunk = scores_each_chunk
+
+    def rollout_for(self, run: Run, step: int) -> Any:
+        return run.launch(step, run.state.policy_version)
+
+
+class OneStepOff:
+    """``one_step_off``: the rollout of step k+1 is launched during step k, with the weights of version k
+    (before update k), so it overlaps step k's scoring and update (lag 1). The first step, or the first after
+    a resume, samples with version ``v - 1`` when it is kept, as the uninterrupted run did."""
+
+    scores_each_chunk = True
+    lag = 1
+
+    def __init__(self) -> None:
+        self.inflight: dict[int, Any] = {}
+
+    def rollout_for(self, run: Run, step: int) -> Any:
+        job = self.inflight.pop(step, None)
+        if job is None:
+            previous = run.state.policy_version - 1
+            job = run.launch(step, previous if previous >= 0 and run.executor.has_version(previous)
+                             else run.state.policy_version)
+        if step + 1 < run.cfg.train.steps:
+            self.inflight[step + 1] = run.launch(step + 1, run.state.policy_version)
+        return job
+
+
+PIPELINES: dict[str, Callable[[], Synchronous | OneStepOff]] = {
+    "sync": lambda: Synchronous(scores_each_chunk=True),
+    "sequential": lambda: Synchronous(scores_each_chunk=False),
+    "one_step_off": OneStepOff,
+}
+
+
+def build_pipeline(cfg: Config) -> Synchronous | OneStepOff:
+    return PIPELINES[cfg.ray.pipeline]()
+
+
+def keeps_previous(cfg: Config) -> bool:
+    """Whether checkpoints keep the sampling weights of version ``v - 1`` (a lagging pipeline resumes with
+    them)."""
+    return build_pipeline(cfg).lag > 0
+
+
+class Run:
+    """One training run in ``run_dir`` over ``executor`` (which has loaded the model). Resumes from the run
+    folder's last checkpoint when there is one."""
+
+    def __init__(
+        self, cfg: Config, executor: Executor, run_dir: Path, *, pipeline: Synchronous | OneStepOff | None = None,
+        tags: dict[str, str] | None = None, run_id: str | None = None,
+    ) -> None:
+        self.cfg, self.executor = cfg, executor
+        self.pipeline = pipeline or build_pipeline(cfg)
+        try:
+            self.task = builders.build_task(cfg.data)
+            self.rec = RunRecorder(cfg, run_dir, tags=tags, run_id=run_id)  # only once the model has loaded
+            self.rec.tracker.set_tags(executor.tags())
+            if self.rec.resume is not None:
+                executor.load_learner_state(self.rec.resume)
+            executor.start(self.state.policy_version)
+        except BaseException:
+            executor.shutdown()
+            raise
+
+    @property
+    def state(self) -> TrainState:
+        return self.rec.state
+
+    @property
+    def tracker(self) -> Tracker:
+        return self.rec.tracker
+
+    @property
+    def run_dir(self) -> Path:
+        return self.rec.run_dir
+
+    @property
+    def resumed_from(self) -> Path | None:
+        return self.rec.resumed_from
+
+    # ---- stages ---------------------------------------------------------------------------------
+    def stage_prompts(self, step: int) -> StepBatch:
+        return step_batch(self.cfg, self.task, step)
+
+    def launch(self, step: int, version: int) -> Any:
+        """prompts + rollout: launch step ``step``'s rollout with the weights of ``version``."""
+        return self.executor.launch(step, self.stage_prompts(step), step_seed(self.cfg.seed, step, 1), version)
+
+    def stage_advantages(self, rewards: RewardOutput, group_ids: torch.Tensor) -> torch.Tensor:
+        return group_advantages(rewards.score, group_ids, global_std=self.cfg.algo.global_std)
+
+    def stage_update(self, got: Collected, adv: torch.Tensor, step: int) -> dict[str, float]:
+        stats = self.executor.update(got, adv, step_seed(self.cfg.seed, step, 2), step)
+        self.state.policy_version += 1
+        return stats
+
+    def stage_sync(self) -> None:
+        self.executor.sync(self.state.policy_version)
+
+    def stage_checkpoint(self) -> Path:
+        return self.rec.checkpoint(self.executor.learner_state())
+
+    def evaluate(self) -> dict[str, float]:
+        conditions, seeds = self.task.eval_set()
+        return self.task.eval_metrics(self.sample(conditions, seeds), conditions, self.executor.score)
+
+    def sample(self, conditions: Conditions, seeds: list[int]) -> Media:
+        return self.executor.sample(conditions, seeds)
+
+    # ---- the step -------------------------------------------------------------------------------
+    def train_step(self) -> dict[str, float]:
+        step = self.state.step
+        t0 = time.perf_counter()
+        job = self.pipeline.rollout_for(self, step)
+        got = self.executor.collect(job)
+        t1 = time.perf_counter()
+        adv = self.stage_advantages(got.rewards, job.batch.group_ids)
+        stats = self.stage_update(got, adv, step)
+        t2 = time.perf_counter()
+        self.stage_sync()
+        t3 = time.perf_counter()
+        self.state.step = step + 1
+        metrics = self.rec.step_metrics(got, stats, job.batch.num_samples, update=t2 - t1, sync=t3 - t2)
+        metrics["time/wait_rollout"] = t1 - t0
+        self.stage_after(metrics, t0)
+        return metrics
+
+    def stage_after(self, metrics: dict[str, float], t0: float) -> None:
+        """eval / log / checkpoint."""
+        cfg = self.cfg
+        last = self.state.step == cfg.train.steps
+        if self.rec.due(cfg.train.eval_every) or last:
+            te = time.perf_counter()
+            metrics.update({f"eval/{k}": v for k, v in self.evaluate().items()})
+            metrics["time/eval"] = time.perf_counter() - te
+        metrics["time/step"] = time.perf_counter() - t0
+        self.rec.log_step(metrics)
+        if self.rec.due(cfg.train.log_images_every):
+            self.rec.log_samples(self.task, self.sample, self.state.step)
+        if self.rec.due(cfg.train.checkpoint_every) or last:
+            self.stage_checkpoint()
+
+    # ---- the loop -------------------------------------------------------------------------------
+    def run(self, progress: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, Any]:
+        """Train until ``train.steps`` (first evaluating, on a fresh run); returns the summary (also written to
+        ``summary.json``). The MLflow run is marked FAILED on an error and KILLED on Ctrl-C or SIGTERM; the
+        last checkpoint stays resumable. The executor is shut down at the end."""
+        rec, start = self.rec, time.time()
+        try:
+            if rec.state.step == 0:
+                rec.log_start(self.evaluate())
+                rec.log_samples(self.task, self.sample, 0)
+            while rec.state.step < self.cfg.train.steps:
+                metrics = self.train_step()
+                if progress:
+                    progress(rec.state.step, metrics)
+            return rec.finish(time.time() - start)
+        except ResumableError as err:
+            rec.tracker.finish("FAILED")
+            raise type(err)(f"{err}; {self._resume_hint()}") from None
+        except Exception:
+            rec.tracker.finish("FAILED")
+            raise
+        except BaseException:
+            rec.tracker.finish("KILLED")
+            raise
+        finally:
+            self.executor.shutdown()
+
+    def _resume_hint(self) -> str:
+        ckpt = latest_checkpoint(self.run_dir)
+        where = f"the last checkpoint is {ckpt.name}" if ckpt else "no checkpoint was written yet"
+        return f"{where}; continue with: rlflow train --resume {self.run_dir}"

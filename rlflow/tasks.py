@@ -10,17 +10,19 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
-import torch
 
-from rlflow.types import RewardFn
+from rlflow.types import Conditions, Media, RewardFn
 
 
 class Task(Protocol):
-    def train_prompts(self, rng: np.random.Generator, n: int) -> list[str]: ...
+    """train_conditions: ``n`` distinct training conditions (one group each). eval_set: the held-out
+    conditions and the noise seed of each eval sample. eval_metrics: scores of the eval samples."""
 
-    def eval_set(self) -> tuple[list[str], list[int]]: ...
+    def train_conditions(self, rng: np.random.Generator, n: int) -> Conditions: ...
 
-    def eval_metrics(self, images: torch.Tensor, prompts: list[str], reward: RewardFn) -> dict[str, float]: ...
+    def eval_set(self) -> tuple[Conditions, list[int]]: ...
+
+    def eval_metrics(self, media: Media, conditions: Conditions, reward: RewardFn) -> dict[str, float]: ...
 
 
 class ShapesTask:
@@ -30,20 +32,21 @@ class ShapesTask:
         self._train = split()[0]
         self.eval_per_kind = eval_per_kind
 
-    def train_prompts(self, rng: np.random.Generator, n: int) -> list[str]:
+    def train_conditions(self, rng: np.random.Generator, n: int) -> Conditions:
         from rlflow.worlds.shapes.prompts import sample_specs
 
-        return [s.prompt for s in sample_specs(rng, n, self._train)]
+        return Conditions.of([s.prompt for s in sample_specs(rng, n, self._train)])
 
-    def eval_set(self) -> tuple[list[str], list[int]]:
+    def eval_set(self) -> tuple[Conditions, list[int]]:
         from rlflow.worlds.shapes import eval_set
 
-        return eval_set(self.eval_per_kind)
+        prompts, seeds = eval_set(self.eval_per_kind)
+        return Conditions.of(prompts), seeds
 
-    def eval_metrics(self, images: torch.Tensor, prompts: list[str], reward: RewardFn) -> dict[str, float]:
+    def eval_metrics(self, media: Media, conditions: Conditions, reward: RewardFn) -> dict[str, float]:
         from rlflow.worlds.shapes import accuracy_report
 
-        return accuracy_report(images.numpy(), prompts)
+        return accuracy_report(media.stills.numpy(), list(conditions.prompts))
 
 
 def _read_prompts(path: str, field: str) -> list[str]:
@@ -62,15 +65,15 @@ class PromptFileTask:
         self._eval = _read_prompts(eval_file, "data.eval_file") if eval_file else self._train[:16]
         self.eval_seeds = eval_seeds
 
-    def train_prompts(self, rng: np.random.Generator, n: int) -> list[str]:
-        return [self._train[int(i)] for i in rng.integers(len(self._train), size=n)]
+    def train_conditions(self, rng: np.random.Generator, n: int) -> Conditions:
+        return Conditions.of([self._train[int(i)] for i in rng.integers(len(self._train), size=n)])
 
-    def eval_set(self) -> tuple[list[str], list[int]]:
+    def eval_set(self) -> tuple[Conditions, list[int]]:
         prompts = [p for p in self._eval for _ in range(self.eval_seeds)]
-        return prompts, [1_000_000 + i for i in range(len(prompts))]
+        return Conditions.of(prompts), [1_000_000 + i for i in range(len(prompts))]
 
-    def eval_metrics(self, images: torch.Tensor, prompts: list[str], reward: RewardFn) -> dict[str, float]:
-        out = reward(images, prompts)
+    def eval_metrics(self, media: Media, conditions: Conditions, reward: RewardFn) -> dict[str, float]:
+        out = reward(media, conditions)
         metrics = {"reward": float(out.score.mean())}
         metrics.update({f"reward_{k}": float(v.mean()) for k, v in out.components.items()})
         return metrics

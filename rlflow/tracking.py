@@ -29,13 +29,16 @@ import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from PIL import Image, ImageDraw, ImageFont
+
+if TYPE_CHECKING:  # rlflow.types imports torch; tracking stays light at runtime
+    from rlflow.types import Media
 
 __all__ = [
     "Tracker",
@@ -46,6 +49,7 @@ __all__ = [
     "server_command",
     "start_server",
     "stop_server",
+    "video_strips",
     "wait_for_server",
 ]
 
@@ -61,6 +65,8 @@ GRID_MAX_COLS = 8
 GRID_MIN_TILE = 96  # tiles are upscaled by an integer factor to at least this width
 GRID_GAP = 2  # pixels between tiles and around the border
 GRID_MAX_LINES = 4  # caption lines per tile; longer captions end in "..."
+STRIP_MAX_FRAMES = 8  # frames per sample in a video filmstrip
+GIF_DEFAULT_FPS = 8.0  # GIF frame rate when the media carries no fps
 
 
 # --------------------------------------------------------------------------- URIs and params
@@ -118,6 +124,39 @@ def _to_uint8(images: Any) -> np.ndarray:
     return np.rint(arr).astype(np.uint8).transpose(0, 2, 3, 1)
 
 
+def _video_to_uint8(video: Any) -> np.ndarray:
+    """Float tensor/array [B,T,C,H,W] in [0,1] -> uint8 array [B,T,H,W,3]."""
+    if hasattr(video, "detach"):  # torch.Tensor, without importing torch here
+        video = video.detach().float().cpu().numpy()
+    arr = np.asarray(video, dtype=np.float32)
+    if arr.ndim != 5 or arr.shape[2] not in (1, 3):
+        raise ValueError(f"expected video of shape [B,T,3,H,W], got {tuple(arr.shape)}")
+    b, t, c, h, w = arr.shape
+    return _to_uint8(arr.reshape(b * t, c, h, w)).reshape(b, t, h, w, 3)
+
+
+def _strip_frames(t: int, max_frames: int) -> list[int]:
+    """Indices of ``min(max_frames, t)`` evenly spaced frames of ``t``: first and last included (one frame:
+    the middle one, as ``Media.stills``)."""
+    n = min(max_frames, t)
+    if n == 1:
+        return [t // 2]
+    return [int(i) for i in np.rint(np.linspace(0, t - 1, n))]
+
+
+def _caption_layout(captions: Sequence[str], width: int) -> tuple[Any, Any, int, list[list[str]], int]:
+    """Font, text top offset, line height, ``captions`` wrapped to ``width - 2`` px and the caption band
+    height (the same under every tile/row: the tallest caption's)."""
+    font = ImageFont.load_default()
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    left, top, right, bottom = probe.textbbox((0, 0), "Ag", font=font)
+    line_h = int(bottom - top) + 2
+    wrapped = [_wrap(c, probe, font, width - 2, GRID_MAX_LINES) if c else [] for c in captions]
+    n_lines = max((len(lines) for lines in wrapped), default=0)
+    cap_h = n_lines * line_h + (4 if n_lines else 0)
+    return font, top, line_h, wrapped, cap_h
+
+
 def _wrap(text: str, draw: ImageDraw.ImageDraw, font: Any, width: int, max_lines: int) -> list[str]:
     """Greedy word wrap to ``width`` pixels; words wider than a line are split by character."""
     lines: list[str] = []
@@ -151,7 +190,11 @@ def image_grid(images: Any, captions: Sequence[str] = ()) -> Image.Image:
     ``min(8, B)`` columns; each tile is upscaled by the smallest integer factor making it at least 96 px
     wide; tiles are separated by a 2 px gap; captions are wrapped to the tile width (at most 4 lines).
     """
-    arr = _to_uint8(images)
+    return _grid_uint8(_to_uint8(images), captions)
+
+
+def _grid_uint8(arr: np.ndarray, captions: Sequence[str]) -> Image.Image:
+    """:func:`image_grid` of a uint8 [B,H,W,3] array."""
     b, h, w, _ = arr.shape
     if b == 0:
         raise ValueError("no images")
@@ -165,13 +208,7 @@ def image_grid(images: Any, captions: Sequence[str] = ()) -> Image.Image:
     cols = min(GRID_MAX_COLS, b)
     rows = math.ceil(b / cols)
 
-    font = ImageFont.load_default()
-    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    left, top, right, bottom = probe.textbbox((0, 0), "Ag", font=font)
-    line_h = int(bottom - top) + 2
-    wrapped = [_wrap(c, probe, font, tw - 2, GRID_MAX_LINES) if c else [] for c in caps]
-    n_lines = max(len(lines) for lines in wrapped)
-    cap_h = n_lines * line_h + (4 if n_lines else 0)
+    font, top, line_h, wrapped, cap_h = _caption_layout(caps, tw)
 
     cell_h = th + cap_h
     grid = Image.new(
@@ -189,6 +226,52 @@ def image_grid(images: Any, captions: Sequence[str] = ()) -> Image.Image:
         for j, line in enumerate(wrapped[i]):
             draw.text((x + 1, y + th + 2 + j * line_h - top), line, fill="black", font=font)
     return grid
+
+
+def video_strips(video: Any, captions: Sequence[str] = (), max_frames: int = STRIP_MAX_FRAMES) -> Image.Image:
+    """Filmstrip grid of ``video`` ([B,T,3,H,W] in [0,1]): one row per sample, the sample's caption under it.
+
+    Each row shows ``n = min(max_frames, T)`` evenly spaced frames (first and last included; the middle
+    one when ``n == 1``) side by side. Tiles are upscaled like :func:`image_grid` (smallest integer factor
+    making them at least 96 px wide, ``tw x th``) and separated by a 2 px gap, so the image is
+    ``n * (tw + 2) + 2`` wide and ``B * (th + cap_h + 2) + 2`` high, where ``cap_h`` is the band of the
+    tallest caption (0 without captions); captions wrap to the row width (at most 4 lines). Tile ``j`` of
+    sample ``b`` sits at ``(2 + j * (tw + 2), 2 + b * (th + cap_h + 2))``.
+    """
+    return _strips_uint8(_video_to_uint8(video), captions, max_frames)
+
+
+def _strips_uint8(arr: np.ndarray, captions: Sequence[str], max_frames: int) -> Image.Image:
+    """:func:`video_strips` of a uint8 [B,T,H,W,3] array."""
+    if max_frames < 1:
+        raise ValueError(f"max_frames must be >= 1, got {max_frames}")
+    b, t, h, w, _ = arr.shape
+    if b == 0 or t == 0:
+        raise ValueError(f"empty video of shape {tuple(arr.shape)}")
+    caps = list(captions)
+    if caps and len(caps) != b:
+        raise ValueError(f"{len(caps)} captions for {b} videos")
+    caps = caps or [""] * b
+
+    picks = _strip_frames(t, max_frames)
+    scale = max(1, math.ceil(GRID_MIN_TILE / w))
+    tw, th = w * scale, h * scale
+    row_w = len(picks) * (tw + GRID_GAP) - GRID_GAP
+    font, top, line_h, wrapped, cap_h = _caption_layout(caps, row_w)
+
+    row_h = th + cap_h
+    strip = Image.new("RGB", (row_w + 2 * GRID_GAP, b * (row_h + GRID_GAP) + GRID_GAP), "white")
+    draw = ImageDraw.Draw(strip)
+    for i in range(b):
+        y = GRID_GAP + i * (row_h + GRID_GAP)
+        for j, k in enumerate(picks):
+            tile = Image.fromarray(arr[i, k])
+            if scale > 1:
+                tile = tile.resize((tw, th), Image.Resampling.NEAREST)
+            strip.paste(tile, (GRID_GAP + j * (tw + GRID_GAP), y))
+        for j, line in enumerate(wrapped[i]):
+            draw.text((GRID_GAP + 1, y + th + 2 + j * line_h - top), line, fill="black", font=font)
+    return strip
 
 
 # --------------------------------------------------------------------------- tracker
@@ -319,6 +402,40 @@ class Tracker:
         self._client.log_artifact(self._run_id, str(png), "images")
         self._client.log_artifact(self._run_id, str(cap), "images")
         return png
+
+    def log_media(
+        self, media: Media, captions: Sequence[str], step: int, name: str = "samples"
+    ) -> list[Path]:
+        """Log decoded ``media`` with one caption per sample; returns the local files (deleted by ``finish``).
+
+        Images: exactly :meth:`log_image_grid` (``images/<name>_step<step>.png`` + ``.json``), returns
+        ``[png]``. Video: ``images/<name>_step<step>.png``, a :func:`video_strips` filmstrip grid;
+        ``images/<name>_step<step>.gif``, the :func:`image_grid` of every sample's frame ``k`` as GIF frame
+        ``k`` at ``media.fps`` (8 fps when 0), looping (Pillow merges identical consecutive frames, adding
+        their durations); and the captions as ``.json``; returns ``[png, gif]``. Audio is not logged.
+        """
+        caps = list(captions)
+        n = media.num_samples
+        if len(caps) != n:
+            raise ValueError(f"{len(caps)} captions for {n} samples")
+        if not media.is_video:
+            return [self.log_image_grid(media.images, caps, step, name=name)]
+
+        video = _video_to_uint8(media.video)
+        stem = f"{name}_step{int(step):06d}"
+        folder = self._tmpdir() / "images"
+        folder.mkdir(parents=True, exist_ok=True)
+        png = folder / f"{stem}.png"
+        _strips_uint8(video, caps, STRIP_MAX_FRAMES).save(png)
+        frames = [_grid_uint8(video[:, k], caps) for k in range(video.shape[1])]
+        fps = float(media.fps) if media.fps and media.fps > 0 else GIF_DEFAULT_FPS
+        gif = folder / f"{stem}.gif"
+        frames[0].save(gif, save_all=True, append_images=frames[1:], duration=round(1000.0 / fps), loop=0)
+        cap = folder / f"{stem}.json"
+        cap.write_text(json.dumps(caps, indent=1, ensure_ascii=False))
+        for path in (png, gif, cap):
+            self._client.log_artifact(self._run_id, str(path), "images")
+        return [png, gif]
 
     def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
         """Log a file, or a directory's contents, under ``artifact_path``."""

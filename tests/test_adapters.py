@@ -7,7 +7,6 @@ downsamples by 2, so latents are ``[4, 8, 8]`` (SD3: 64 image tokens; FLUX: 16 p
 
 from __future__ import annotations
 
-import dataclasses
 import string
 
 import numpy as np
@@ -32,12 +31,15 @@ from transformers import (
     T5Tokenizer,
 )
 
-from rlflow.algos.policy_gradient import DPPO
+from rlflow.algos.dppo import DPPO
+from rlflow.config import ConfigError, validate
 from rlflow.learner import Learner, LearnerSettings
 from rlflow.models import MODEL_FAMILIES, load_policy
 from rlflow.models.flux import FluxPolicy, latent_image_ids, pack_latents, unpack_latents
 from rlflow.models.sd3 import SD3Policy
-from rlflow.sampler import Sampler, SamplerSettings, chunks
+from rlflow.sampler import Sampler, SamplerSettings
+from rlflow.types import Conditions
+from tests.helpers import blank_steps, replayed_anchors
 
 SIZE = 16  # pixels
 CLIP_LEN = 8  # CLIP tokens per prompt
@@ -248,8 +250,10 @@ def test_load_policy_registry(saved):
 
 
 def test_load_policy_unknown_family():
-    with pytest.raises(ValueError, match=r"unknown model family 'sdxl'.*flux, sd3"):
+    with pytest.raises(ConfigError, match=r"model.family 'sdxl': unknown model family; registered: flux, sd3"):
         load_policy("sdxl", "/nowhere", dtype=torch.float32, device="cpu")
+    with pytest.raises(ConfigError, match=r"model.family: .*unknown model family 'sdxl'; registered: flux, sd3"):
+        validate({"model": {"family": "sdxl"}})
 
 
 def test_sd3_image_size_is_checked_against_the_positional_embedding(saved):
@@ -427,14 +431,17 @@ def test_ode_matches_diffusers_pipeline(saved, family):
 def test_rollout_rescore_update_reference(saved, family):
     policy = load(family, saved[family][0])
     sampler = Sampler(policy, SETTINGS)
-    traj = sampler.rollout(PROMPTS, GROUPS, seed=0)
+    roll = sampler.rollout(Conditions.of(PROMPTS), GROUPS, seed=0)
+    traj = roll.steps
     c, h, w = policy.latent_shape(SIZE, SIZE)
     assert traj.x.shape == traj.x_next.shape == traj.mean.shape == (4, 2, c, h, w)
-    assert traj.log_prob.shape == (4, 2) and traj.final.shape == (4, c, h, w)
-    assert traj.images.shape == (4, 3, SIZE, SIZE)
-    for name in ("x", "x_next", "mean", "log_prob", "final", "images"):
+    assert traj.log_prob.shape == (4, 2) and roll.final.shape == (4, c, h, w)
+    images = roll.media.images
+    assert images.shape == (4, 3, SIZE, SIZE)
+    for name in ("x", "x_next", "mean", "log_prob"):
         assert torch.isfinite(getattr(traj, name)).all(), name
-    assert traj.images.min() >= 0 and traj.images.max() <= 1
+    assert torch.isfinite(roll.final).all() and torch.isfinite(images).all()
+    assert images.min() >= 0 and images.max() <= 1
     assert torch.equal(traj.t, sampler.grid[traj.step_index])
 
     probe_x = traj.x[:2, 0].clone()
@@ -450,12 +457,11 @@ def test_rollout_rescore_update_reference(saved, family):
     assert lora_before and all("lora_" in k for k in lora_before)
     learner = Learner(policy, DPPO(), LearnerSettings(micro_batch=2), SETTINGS.step)
 
-    blank = dataclasses.replace(traj, log_prob=torch.zeros_like(traj.log_prob), mean=torch.zeros_like(traj.mean))
-    logp_old, mean_old = learner.anchors(blank, policy.encode_prompts(PROMPTS), chunks(len(PROMPTS), 2))
+    logp_old, mean_old = replayed_anchors(learner, blank_steps(roll), 2)
     assert torch.equal(logp_old, traj.log_prob)  # bit-identical re-scoring
     assert torch.equal(mean_old, traj.mean)
 
-    stats = learner.update(traj, torch.tensor([1.0, -1.0, 0.5, -0.5]), seed=0)
+    stats = learner.update(roll, torch.tensor([1.0, -1.0, 0.5, -0.5]), seed=0)
     assert np.isfinite(stats["loss"]) and stats["grad_norm"] > 0
     lora_after = policy.lora_state_dict()
     assert any(not torch.equal(lora_before[k], lora_after[k]) for k in lora_before)

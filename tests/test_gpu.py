@@ -15,16 +15,17 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from rewards import build_reward
-from rlflow.algos.policy_gradient import DPPO
+from rlflow.algos.dppo import DPPO
 from rlflow.builders import build_policy, learner_settings, sampler_settings, step_settings
 from rlflow.config import ConfigError
 from rlflow.learner import Learner
 from rlflow.sampler import Sampler
 from rlflow.trainer import Trainer
+from rlflow.types import Conditions
 from tests.helpers import metric_history, tiny_config
 from workers.driver import RayTrainer
 from workers.learner import LearnerGroup
-from workers.messages import pack
+from workers.messages import to_wire
 from workers.placement import Placement
 
 pytestmark = pytest.mark.gpu
@@ -70,13 +71,13 @@ def test_cuda_actors_compute_the_in_process_cuda_run(tmp_path):
     assert next(local.learner.policy.transformer.parameters()).is_cuda
     remote = RayTrainer(cfg, tmp_path / "ray")
     try:
-        assert remote.transport == "object_store"
+        assert remote.executor.transport.name == "object_store"
         for _ in range(3):
             remote.train_step()
-        (version, digest), = remote.learners.digests()
-        assert version == 3 and ray.get(remote.samplers[0].digest.remote()) == (3, digest)
+        (version, digest), = remote.executor.learners.digests()
+        assert version == 3 and ray.get(remote.executor.samplers[0].digest.remote()) == (3, digest)
     finally:
-        remote.shutdown()
+        remote.executor.shutdown()
     np.testing.assert_allclose(metric_history(remote, "reward/mean"), metric_history(local, "reward/mean"), atol=1e-6)
     np.testing.assert_allclose(metric_history(remote, "train/kl_mean"), metric_history(local, "train/kl_mean"), rtol=1e-3)
 
@@ -89,14 +90,14 @@ def test_disaggregated_on_one_gpu_sends_weights_through_the_object_store(tmp_pat
     cfg = _cfg(tmp_path, ray={"placement": "disaggregated", "num_samplers": 2, "sampler": quarter})
     trainer = RayTrainer(cfg, tmp_path / "auto")
     try:
-        assert trainer.transport == "object_store"
+        assert trainer.executor.transport.name == "object_store"
         trainer.train_step()
-        (version, digest), = trainer.learners.digests()
-        assert ray.get([s.digest.remote() for s in trainer.samplers]) == [(1, digest), (1, digest)]
+        (version, digest), = trainer.executor.learners.digests()
+        assert ray.get([s.digest.remote() for s in trainer.executor.samplers]) == [(1, digest), (1, digest)]
         tags = MlflowClient(tracking_uri=trainer.tracker.tracking_uri).get_run(trainer.tracker.run_id).data.tags
         assert tags["rlflow.weight_transport"] == "object_store"
     finally:
-        trainer.shutdown()
+        trainer.executor.shutdown()
     explicit = _cfg(tmp_path, ray={"placement": "disaggregated", "weight_transport": "collective", "sampler": quarter})
     with pytest.raises(ConfigError, match=r"'collective': learner 0 and sampler 0 share GPU 0 of node .*NCCL refuses"):
         RayTrainer(explicit, tmp_path / "explicit")
@@ -106,7 +107,7 @@ def _batch(cfg):
     policy = build_policy(cfg.model, cfg.seed)
     sampler = Sampler(policy, sampler_settings(cfg.sampling))
     prompts = [p for p in ["a red circle", "two blue squares", "a green triangle"] for _ in range(4)]
-    traj = sampler.rollout(prompts, torch.arange(len(prompts)) // 4, seed=3)
+    traj = sampler.rollout(Conditions.of(prompts), torch.arange(len(prompts)) // 4, seed=3)
     return policy, traj, torch.linspace(-1.5, 1.5, len(prompts))
 
 
@@ -129,7 +130,7 @@ def test_two_learners_on_one_gpu(tmp_path):
     placement = Placement(cfg.ray, name="gpu-gloo")
     group = LearnerGroup(cfg, placement, name_prefix="gpu-gloo")
     try:
-        grads = group.gradient([ray.put(pack(traj))], adv.numpy())
+        grads = group.gradient([ray.put(to_wire(traj))], adv.numpy())
         assert np.array_equal(grads[0], grads[1])
         torch.testing.assert_close(torch.from_numpy(grads[0].copy()), expected, rtol=1e-4, atol=1e-6)
     finally:

@@ -33,3 +33,27 @@ def test_imports_point_down(package, forbidden):
         if bad:
             offenders[str(path.relative_to(ROOT))] = sorted(bad)
     assert not offenders
+
+
+def _imported_modules(path: Path) -> set[str]:
+    mods = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            mods |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            mods.add(node.module)
+    return mods
+
+
+@pytest.mark.parametrize("package", ["workers", "rewards", "rlflow"])
+def test_nothing_below_imports_the_entry_points(package):
+    """workers/ (and rewards/, and the core) never reach up into the CLI or the job client."""
+    entry = ("rlflow.cli", "rlflow.jobs", "rlflow.__main__")
+    offenders = {}
+    for path in (ROOT / package).rglob("*.py"):
+        if path in ENTRY_POINTS:
+            continue
+        bad = {m for m in _imported_modules(path) if m.startswith(entry)}
+        if bad:
+            offenders[str(path.relative_to(ROOT))] = sorted(bad)
+    assert not offenders

@@ -1,4 +1,5 @@
-"""A short Flow-DPPO run on the shapes world must raise the mean training reward well beyond its noise.
+"""A short Flow-DPPO run, and a short DiffusionNFT run, on the shapes world must raise the mean training
+reward well beyond its noise.
 
 The reward is the world's dense colour-coverage reward (``shapes_color_coverage``) on its colour prompts:
 it moves within a couple of dozen steps, so the test checks the whole loop (rollout, reward, advantages,
@@ -7,6 +8,7 @@ far more samples than a CPU test can afford (see the README's toy-run figures).
 """
 
 import numpy as np
+import pytest
 from mlflow.tracking import MlflowClient
 
 from rewards import build_reward
@@ -18,11 +20,12 @@ WINDOW = 6
 PROMPTS = ["a red circle", "a blue square", "a green triangle", "a yellow circle", "a red square", "a blue triangle"]
 
 
-def test_short_dppo_run_raises_mean_training_reward(tmp_path):
+@pytest.mark.parametrize("config", ["configs/toy_shapes_dppo.yaml", "configs/toy_shapes_nft.yaml"])
+def test_short_run_raises_mean_training_reward(tmp_path, config):
     prompt_file = tmp_path / "prompts.txt"
     prompt_file.write_text("\n".join(PROMPTS) + "\n")
     cfg = load_config(
-        "configs/toy_shapes_dppo.yaml",
+        config,
         [
             f"output_dir={tmp_path}", f"train.steps={STEPS}", "train.eval_every=0", "train.log_images_every=0",
             "train.checkpoint_every=100", "train.eval_steps=10", "data.source=file", f"data.train_file={prompt_file}",

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from rewards import build_reward
+from rlflow.types import Conditions, Media
 from rlflow.worlds.shapes import accuracy_report, eval_set, split
 from rlflow.worlds.shapes.checker import checks, detect, score_image
 from rlflow.worlds.shapes.scene import KINDS, Obj, all_specs, parse_prompt, render, sample_scene
@@ -73,7 +74,7 @@ def test_accuracy_report_and_reward_plugin():
     prompts = [s.prompt for s in specs] + ["a circle"]
     rep = accuracy_report(images, prompts)
     assert rep["accuracy"] == pytest.approx(2 / 3) and rep["accuracy_color"] == 1.0 and rep["accuracy_single"] == 0.0
-    out = build_reward("shapes_geneval")(torch.from_numpy(images), prompts)
+    out = build_reward("shapes_geneval")(Media(images=torch.from_numpy(images)), Conditions.of(prompts))
     assert out.score.tolist() == pytest.approx([1.0, 1.0, 0.0])
     assert out.components["strict"].tolist() == [1.0, 1.0, 0.0]
     assert checks(specs[0], []) == [False, False, False, False]

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
-from PIL import Image
+from PIL import Image, ImageSequence
 
 from rlflow.tracking import (
     GRID_GAP,
@@ -23,8 +23,10 @@ from rlflow.tracking import (
     image_grid,
     start_server,
     stop_server,
+    video_strips,
     wait_for_server,
 )
+from rlflow.types import Media
 
 
 def test_flatten_nested_with_lists():
@@ -134,6 +136,153 @@ def test_sqlite_store_roundtrip_and_resume(tmp_path: Path):
     assert client.get_run(failing.run_id).info.status == "FAILED"
     with pytest.raises(ValueError):
         failing.finish("DONE")
+
+
+# --------------------------------------------------------------------------- video / media
+
+
+def _solid_video(b: int = 2, t: int = 4, size: int = 8) -> tuple[torch.Tensor, np.ndarray]:
+    """[B,T,3,size,size] video whose frame k of sample b is one solid colour, and those colours [B,T,3] uint8."""
+    colours = np.array(
+        [[[40 + 40 * k, 200 if s == 0 else 50, 30 + 100 * s] for k in range(t)] for s in range(b)],
+        dtype=np.uint8,
+    )
+    video = torch.from_numpy(colours.astype(np.float32) / 255.0)[:, :, :, None, None]
+    video = video.expand(b, t, 3, size, size)
+    return video.contiguous(), colours
+
+
+def _tile_centre(b: int, j: int, tile: int, row_h: int) -> tuple[int, int]:
+    """(x, y) of the centre of tile j in row b of a filmstrip (video_strips' documented layout)."""
+    return GRID_GAP + j * (tile + GRID_GAP) + tile // 2, GRID_GAP + b * (row_h + GRID_GAP) + tile // 2
+
+
+def test_video_strips_layout_and_colours():
+    video, colours = _solid_video()  # B=2, T=4, 8x8 frames -> tiles upscaled x12 to 96 px
+    tile = 96
+    plain = video_strips(video)
+    assert plain.size == (4 * (tile + GRID_GAP) + GRID_GAP, 2 * (tile + GRID_GAP) + GRID_GAP)
+    px = np.asarray(plain)
+    for b in range(2):
+        for k in range(4):
+            x, y = _tile_centre(b, k, tile, tile)
+            assert tuple(px[y, x]) == tuple(colours[b, k]), (b, k)
+            # tile corners too: the whole tile is the frame, not a neighbour's
+            y0, x0 = GRID_GAP + b * (tile + GRID_GAP), GRID_GAP + k * (tile + GRID_GAP)
+            assert (px[y0 : y0 + tile, x0 : x0 + tile] == colours[b, k]).all(), (b, k)
+    assert (px[0, :] == 255).all() and (px[:, 0] == 255).all()  # white border
+
+    # captions add the same band under every row, with text in it; the tiles do not change
+    captioned = video_strips(video, ["a red fox", "two"])
+    assert captioned.width == plain.width
+    cap_h = (captioned.height - plain.height) // 2
+    assert cap_h > 0 and captioned.height == 2 * (tile + cap_h + GRID_GAP) + GRID_GAP
+    cpx = np.asarray(captioned)
+    for b in range(2):
+        y0 = GRID_GAP + b * (tile + cap_h + GRID_GAP)
+        assert (cpx[y0 : y0 + tile] == px[GRID_GAP + b * (tile + GRID_GAP) :][:tile]).all()
+        band = cpx[y0 + tile : y0 + tile + cap_h]
+        assert (band < 128).any(), f"no caption text under row {b}"
+
+    # at most max_frames evenly spaced frames, first and last included
+    two = np.asarray(video_strips(video, max_frames=2))
+    assert two.shape[1] == 2 * (tile + GRID_GAP) + GRID_GAP
+    for j, k in enumerate([0, 3]):
+        x, y = _tile_centre(1, j, tile, tile)
+        assert tuple(two[y, x]) == tuple(colours[1, k])
+    three = np.asarray(video_strips(video, max_frames=3))
+    assert [tuple(three[_tile_centre(0, j, tile, tile)[::-1]]) for j in range(3)] == [
+        tuple(colours[0, k]) for k in (0, 2, 3)
+    ]
+    one = np.asarray(video_strips(video, max_frames=1))  # the middle frame, as Media.stills
+    assert tuple(one[_tile_centre(0, 0, tile, tile)[::-1]]) == tuple(colours[0, 2])
+
+    with pytest.raises(ValueError, match="3 captions for 2"):
+        video_strips(video, ["a", "b", "c"])
+    with pytest.raises(ValueError):
+        video_strips(video[:, 0])  # [B,3,H,W] is not a video
+
+
+@pytest.fixture(scope="module")
+def media_tracker(tmp_path_factory):
+    """One local-store run shared by the media tests (creating a sqlite store takes a while)."""
+    uri = default_tracking_uri(tmp_path_factory.mktemp("media"))
+    tracker = Tracker(uri, "media", run_name="media")
+    yield tracker, MlflowClient(tracking_uri=uri)
+    tracker.finish()
+
+
+def _artifacts(client: MlflowClient, run_id: str) -> set[str]:
+    return {f.path for f in client.list_artifacts(run_id, "images")}
+
+
+def test_log_media_video_logs_filmstrip_and_gif(media_tracker, tmp_path: Path):
+    tracker, client = media_tracker
+    video, colours = _solid_video()
+    caps = ["a red fox", "a blue bird"]
+    paths = tracker.log_media(Media(video=video, fps=10.0), caps, step=7, name="vid")
+    assert [p.name for p in paths] == ["vid_step000007.png", "vid_step000007.gif"]
+    assert all(p.is_file() for p in paths)
+    assert {"images/vid_step000007.png", "images/vid_step000007.gif", "images/vid_step000007.json"} <= (
+        _artifacts(client, tracker.run_id)
+    )
+
+    dl = tmp_path / "dl"
+    dl.mkdir()
+    png = Path(client.download_artifacts(tracker.run_id, "images/vid_step000007.png", str(dl)))
+    with Image.open(png) as im:
+        assert im.format == "PNG"
+        assert (np.asarray(im.convert("RGB")) == np.asarray(video_strips(video, caps))).all()
+    gif = Path(client.download_artifacts(tracker.run_id, "images/vid_step000007.gif", str(dl)))
+    with Image.open(gif) as im:
+        assert im.format == "GIF"
+        assert im.n_frames == 4
+        assert im.info["loop"] == 0
+        expected_size = image_grid(video[:, 0], caps).size
+        for k, frame in enumerate(ImageSequence.Iterator(im)):
+            assert frame.info["duration"] == 100  # 10 fps
+            rgb = np.asarray(frame.convert("RGB")).astype(int)
+            assert rgb.shape[1::-1] == expected_size
+            for b in range(2):  # grid tile b (one row of 2 tiles) shows sample b's frame k
+                x, y = GRID_GAP + b * (96 + GRID_GAP) + 48, GRID_GAP + 48
+                assert np.abs(rgb[y, x] - colours[b, k]).max() <= 8, (k, b, rgb[y, x], colours[b, k])
+    cap = Path(client.download_artifacts(tracker.run_id, "images/vid_step000007.json", str(dl)))
+    assert json.loads(cap.read_text()) == caps
+
+    # no fps -> 8 fps (125 ms; GIF stores centiseconds)
+    (_, gif0) = tracker.log_media(Media(video=video), caps, step=8, name="vid")
+    with Image.open(gif0) as im:
+        assert im.n_frames == 4
+        assert 120 <= im.info["duration"] <= 130
+
+
+def test_log_media_images_matches_log_image_grid(media_tracker, tmp_path: Path):
+    tracker, client = media_tracker
+    images = torch.rand(3, 3, 16, 16)
+    caps = ["red square", "", "two green triangles"]
+    paths = tracker.log_media(Media(images=images), caps, step=3, name="img")
+    assert [p.name for p in paths] == ["img_step000003.png"]
+    ref = tracker.log_image_grid(images, caps, step=3, name="ref")
+    assert paths[0].read_bytes() == ref.read_bytes()
+    names = _artifacts(client, tracker.run_id)
+    assert {"images/img_step000003.png", "images/img_step000003.json"} <= names
+    assert "images/img_step000003.gif" not in names
+    logged = Path(client.download_artifacts(tracker.run_id, "images/img_step000003.png", str(tmp_path)))
+    with Image.open(logged) as im:
+        assert (np.asarray(im) == np.asarray(image_grid(images, caps))).all()
+
+
+def test_log_media_rejects_caption_count(media_tracker):
+    tracker, client = media_tracker
+    video, _ = _solid_video()
+    before = _artifacts(client, tracker.run_id)
+    with pytest.raises(ValueError, match=r"3 captions for 2 samples"):
+        tracker.log_media(Media(video=video), ["a", "b", "c"], step=9, name="bad")
+    with pytest.raises(ValueError, match=r"1 captions for 3 samples"):
+        tracker.log_media(Media(images=torch.rand(3, 3, 8, 8)), ["a"], step=9, name="bad")
+    with pytest.raises(ValueError, match=r"0 captions for 2 samples"):
+        tracker.log_media(Media(video=video), [], step=9, name="bad")
+    assert _artifacts(client, tracker.run_id) == before  # nothing logged
 
 
 # --------------------------------------------------------------------------- real server

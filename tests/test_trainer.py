@@ -8,14 +8,16 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from rewards import build_reward
-from rlflow.algos.policy_gradient import DPPO, GRPO
+from rlflow.algos.dppo import DPPO
+from rlflow.algos.grpo import GRPO
 from rlflow.builders import build_policy, sampler_settings
 from rlflow.cli import main
 from rlflow.config import ConfigError, load_config, validate
 from rlflow.learner import Learner, LearnerSettings
 from rlflow.sampler import Sampler, chunks
 from rlflow.trainer import Trainer
-from tests.helpers import tiny_config
+from rlflow.types import Conditions, Rollout
+from tests.helpers import blank_steps, replayed_anchors, tiny_config
 
 TINY = {
     "name": "tiny",
@@ -36,11 +38,11 @@ def test_first_update_sees_ratio_exactly_one(tmp_path, algo):
     policy = build_policy(cfg.model, seed=0)
     sampler = Sampler(policy, sampler_settings(cfg.sampling))
     prompts = ["a red circle"] * 4 + ["two squares"] * 4
-    traj = sampler.rollout(prompts, torch.arange(8) // 4, seed=5)
+    traj = sampler.rollout(Conditions.of(prompts), torch.arange(8) // 4, seed=5)
     learner = Learner(policy, algo, LearnerSettings(minibatches=1, micro_batch=4), sampler.settings.step)
-    blank = dataclasses.replace(traj, log_prob=torch.zeros_like(traj.log_prob), mean=torch.zeros_like(traj.mean))
-    logp, mean = learner.anchors(blank, policy.encode_prompts(prompts), chunks(8, 4))  # replayed, not copied
-    assert torch.equal(logp, traj.log_prob) and torch.equal(mean, traj.mean)
+    if algo.policies.anchors:
+        logp, mean = replayed_anchors(learner, blank_steps(traj), 4)  # replayed, not copied
+        assert torch.equal(logp, traj.steps.log_prob) and torch.equal(mean, traj.steps.mean)
     stats = learner.update(traj, torch.linspace(-1, 1, 8), seed=0)  # one optimizer step after all replays
     assert stats["ratio_min"] == 1.0 and stats["ratio_max"] == 1.0
 
@@ -52,16 +54,15 @@ def test_stale_batch_anchors_replay_at_the_rollout_version(tmp_path):
     policy = build_policy(cfg.model, seed=0)
     sampler = Sampler(policy, sampler_settings(cfg.sampling))
     prompts = ["a red circle"] * 4 + ["two squares"] * 4
-    traj = sampler.rollout(prompts, torch.arange(8) // 4, seed=5, policy_version=0)
+    traj = sampler.rollout(Conditions.of(prompts), torch.arange(8) // 4, seed=5, policy_version=0)
     learner = Learner(policy, DPPO(), LearnerSettings(lr=1e-2, minibatches=1, micro_batch=4), sampler.settings.step)
     learner.update(traj, torch.linspace(-1, 1, 8), seed=0)
     assert learner.version == 1
-    cond = policy.encode_prompts(prompts)
-    logp_v0, _ = learner.anchors(traj, cond, chunks(8, 4))
-    assert torch.equal(logp_v0, traj.log_prob)
-    logp_v1, _ = learner.anchors(dataclasses.replace(traj, policy_version=1), cond, chunks(8, 4))
-    assert not torch.allclose(logp_v1, traj.log_prob)  # the update moved the policy
-    logp_again, _ = learner.anchors(traj, cond, chunks(8, 4))
+    logp_v0, _ = replayed_anchors(learner, traj, 4)
+    assert torch.equal(logp_v0, traj.steps.log_prob)
+    logp_v1, _ = replayed_anchors(learner, dataclasses.replace(traj, policy_version=1), 4)
+    assert not torch.allclose(logp_v1, traj.steps.log_prob)  # the update moved the policy
+    logp_again, _ = replayed_anchors(learner, traj, 4)
     assert torch.equal(logp_again, logp_v0)  # the current weights were restored after the snapshot replay
 
 
@@ -73,14 +74,17 @@ def test_chunked_rollout_equals_the_whole_batch(tmp_path):
         cfg = _cfg(tmp_path, sampling={**TINY["sampling"], "shared_noise": shared})
         policy = build_policy(cfg.model, seed=0)
         sampler = Sampler(policy, sampler_settings(cfg.sampling))
-        prompts = ["a red circle"] * 4 + ["two squares"] * 4
+        conds = Conditions.of(["a red circle"] * 4 + ["two squares"] * 4)
         groups = torch.arange(8) // 4 + 10
-        whole = sampler.rollout(prompts, groups, seed=5, trained=[1, 3])
-        parts = [sampler.rollout(prompts[sl], groups[sl], seed=5, trained=[1, 3], offset=sl.start) for sl in chunks(8, 4)]
-        for name in ("x", "x_next", "mean", "log_prob", "final"):
-            assert torch.equal(torch.cat([getattr(p, name) for p in parts]), getattr(whole, name)), name
-        assert torch.equal(whole.step_index, torch.tensor([1, 3]))
-        same_start = torch.equal(whole.x[0, 0], whole.x[1, 0])
+        whole = sampler.rollout(conds, groups, seed=5, trained=[1, 3])
+        parts = [sampler.rollout(conds.index(sl), groups[sl], seed=5, trained=[1, 3], offset=sl.start)
+                 for sl in chunks(8, 4)]
+        joined = Rollout.cat(parts)
+        for name in ("x", "x_next", "mean", "log_prob"):
+            assert torch.equal(getattr(joined.steps, name), getattr(whole.steps, name)), name
+        assert torch.equal(joined.final, whole.final) and torch.equal(joined.media.images, whole.media.images)
+        assert torch.equal(whole.steps.step_index, torch.tensor([1, 3]))
+        same_start = torch.equal(whole.steps.x[0, 0], whole.steps.x[1, 0])
         assert same_start == shared  # samples 0 and 1 share a group
 
 

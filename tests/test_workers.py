@@ -11,16 +11,15 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from rewards import build_reward
-from rlflow.algos.policy_gradient import DPPO
-from rlflow.builders import build_policy, learner_settings, sampler_settings, step_settings
+from rlflow.builders import build_learner, build_policy, sampler_settings
 from rlflow.config import ConfigError
-from rlflow.learner import Learner
 from rlflow.sampler import Sampler
 from rlflow.trainer import Trainer
+from rlflow.types import Conditions
 from tests.helpers import metric_history, tiny_config
 from workers.driver import RayTrainer
 from workers.learner import LearnerError, LearnerGroup
-from workers.messages import pack
+from workers.messages import to_wire
 from workers.placement import Placement, plan
 from workers.reward_server import RewardServerError
 
@@ -61,7 +60,7 @@ def test_ray_pipeline_computes_the_in_process_run(tmp_path):
     cfg = _cfg(tmp_path)
     local = Trainer(cfg, build_reward(cfg.reward.name), tmp_path / "local")
     local.run()
-    lora_local = local.learner.state_dict()["lora"]
+    lora_local = local.learner.state().lora
     for pipeline in ("sync", "sequential"):
         remote = RayTrainer(_cfg(tmp_path, ray={**TINY["ray"], "pipeline": pipeline}), tmp_path / pipeline)
         summary = remote.run()
@@ -72,29 +71,55 @@ def test_ray_pipeline_computes_the_in_process_run(tmp_path):
         lora_ray = load_file(str(tmp_path / pipeline / "checkpoints" / "step_000003" / "lora.safetensors"))
         assert set(lora_ray) == set(lora_local)
         assert all(torch.equal(lora_ray[k], lora_local[k]) for k in lora_local)
-        assert remote.learners is None and remote.samplers == []  # actors are shut down after the run
+        assert remote.executor.learners is None and remote.executor.samplers == []  # actors are shut down after the run
+
+
+def test_nft_on_ray_computes_the_in_process_run(tmp_path):
+    """DiffusionNFT with nothing special-cased: the samplers are sent the old adapter's weights (the learner
+    keeps both adapters), and the actors reproduce the in-process run bit for bit, both adapters included."""
+    from safetensors.torch import load_file
+
+    nft = {**TINY, "algo": {"name": "nft"}}
+    local = Trainer(tiny_config(nft, tmp_path), build_reward("shapes_geneval"), tmp_path / "local")
+    local.run()
+    remote = RayTrainer(tiny_config(nft, tmp_path), tmp_path / "ray")
+    for _ in range(3):
+        remote.train_step()
+    try:
+        (version, digest), = remote.executor.learners.digests()
+        assert version == 3 and ray.get(remote.executor.samplers[0].digest.remote()) == (3, digest)
+        remote.stage_checkpoint()
+    finally:
+        remote.executor.shutdown()
+    for key in ("reward/mean", "train/loss", "train/old_decay"):
+        assert metric_history(remote, key) == metric_history(local, key), key
+    for name in ("lora.safetensors", "lora_old.safetensors"):
+        a, b = (load_file(str(tmp_path / d / "checkpoints" / "step_000003" / name)) for d in ("local", "ray"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
 
 def _batch(cfg, seed=3, kinds=4):
     policy = build_policy(cfg.model, cfg.seed)
     sampler = Sampler(policy, sampler_settings(cfg.sampling))
     prompts = [p for p in ["a red circle", "two blue squares", "a green triangle", "a square"][:kinds] for _ in range(4)]
-    traj = sampler.rollout(prompts, torch.arange(len(prompts)) // 4, seed=seed)
+    traj = sampler.rollout(Conditions.of(prompts), torch.arange(len(prompts)) // 4, seed=seed)
     adv = torch.linspace(-1.5, 1.5, len(prompts))
     return policy, traj, adv
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
-def test_two_rank_gloo_group_matches_one_process(tmp_path, strategy):
+@pytest.mark.parametrize(("algo", "strategy"), [("dppo", "ddp"), ("dppo", "fsdp2"), ("nft", "fsdp2")])
+def test_two_rank_gloo_group_matches_one_process(tmp_path, algo, strategy):
     """Both strategies sum the ranks' gradients to the one-process gradient. 3 chunks over 2 ranks: one rank
-    owns fewer (under FSDP2 it replays a zero-weighted chunk to keep the collectives in step)."""
+    owns fewer (under FSDP2 it runs a zero-weighted chunk to keep the collectives in step). NFT's old adapter
+    is sharded with the trained one, soft-updated shard by shard, and saved whole."""
     ray_cfg = {**TINY["ray"], "num_learners": 2, "placement": "disaggregated", "strategy": strategy}
-    cfg = _cfg(tmp_path, ray=ray_cfg, train={**TINY["train"], "minibatches": 1})
+    base = {**TINY, "algo": {"name": "nft"}} if algo == "nft" else TINY
+    cfg = tiny_config(base, tmp_path, ray=ray_cfg, train={**TINY["train"], "minibatches": 1})
     policy, traj, adv = _batch(cfg, kinds=3)
-    single = Learner(policy, DPPO(kl_threshold=1e-4), learner_settings(cfg.train, cfg.sampling), step_settings(cfg.sampling))
-    expected = single.gradient(traj, adv)
+    single = build_learner(policy, cfg)
+    expected = single.gradient(traj, adv, seed=0)
     assert expected.abs().sum() > 0
-    chunk_refs = [ray.put(pack(traj))]
+    chunk_refs = [ray.put(to_wire(traj))]
     placement = Placement(cfg.ray, name="grad-test")
     group = LearnerGroup(cfg, placement, name_prefix="grad-test")
     try:
@@ -104,21 +129,29 @@ def test_two_rank_gloo_group_matches_one_process(tmp_path, strategy):
             assert all(i["sharded"] and i["local"] < total for i in info) and sum(i["local"] for i in info) == total
         else:
             assert all(not i["sharded"] and i["local"] == total for i in info)
-        grads = group.gradient(chunk_refs, adv.numpy())
+        grads = group.gradient(chunk_refs, adv.numpy(), seed=0)
         assert np.array_equal(grads[0], grads[1])  # both ranks hold the summed gradient
         torch.testing.assert_close(torch.from_numpy(grads[0].copy()), expected, rtol=1e-5, atol=1e-8)
         refs = group.update(chunk_refs, adv.numpy(), seed=0)
         stats = group.finish_update(refs, step=0)
-        assert stats["ratio_mean"] == pytest.approx(1.0, abs=1e-3)
+        if algo == "dppo":
+            assert stats["ratio_mean"] == pytest.approx(1.0, abs=1e-3)
+        else:
+            assert stats["old_decay"] == pytest.approx(0.001)  # one optimizer step taken
         (v0, d0), (v1, d1) = group.digests()
         assert v0 == v1 == 1 and d0 == d1  # identical optimizer steps (or one sharded model) on both ranks
-        saved = group.state_dict()  # whole tensors, in a one-process learner's layout
-        ref = Learner(build_policy(cfg.model, cfg.seed), DPPO(kl_threshold=1e-4), learner_settings(cfg.train, cfg.sampling),
-                      step_settings(cfg.sampling))
-        ref.load_state_dict(saved)
-        assert ref.policy.lora_state_dict().keys() == saved["lora"].keys()
-        assert len(saved["optimizer"]["state"]) == len(ref.params)
-        assert all(v.shape == p.shape for v, p in zip(saved["lora"].values(), ref.policy.lora_state_dict().values(), strict=True))
+        saved = group.state()  # whole tensors, in a one-process learner's layout
+        ref = build_learner(build_policy(cfg.model, cfg.seed), cfg)
+        ref.load_state(saved)
+        assert ref.policy.lora_state_dict().keys() == saved.lora.keys()
+        assert len(saved.optimizer["state"]) == len(ref.params)
+        assert all(v.shape == p.shape for v, p in zip(saved.lora.values(), ref.policy.lora_state_dict().values(), strict=True))
+        if algo == "nft":
+            old = saved.adapters["old"]
+            assert old.keys() == saved.lora.keys() and any(not torch.equal(old[k], saved.lora[k]) for k in old)
+            single.update(traj, adv, seed=0)  # the same update in one process: the same old adapter
+            mine = single.policy.lora_state_dict("old")
+            assert all(torch.allclose(mine[k], old[k], rtol=1e-5, atol=1e-7) for k in old)
     finally:
         group.shutdown()
         placement.remove()
@@ -130,19 +163,19 @@ def test_weight_sync_reaches_every_sampler(tmp_path, transport, kind):
     ray_cfg = {**TINY["ray"], "num_samplers": 2, "weight_transport": transport, "weight_sync": kind}
     cfg = _cfg(tmp_path, ray=ray_cfg, train={**TINY["train"], "steps": 2})
     trainer = RayTrainer(cfg, tmp_path / "run")
-    assert trainer.transport == transport
+    assert trainer.executor.transport.name == transport
     try:
-        initial = ray.get([s.digest.remote() for s in trainer.samplers])
+        initial = ray.get([s.digest.remote() for s in trainer.executor.samplers])
         assert initial[0] == initial[1] and initial[0][0] == 0
         for _ in range(2):
             trainer.train_step()
-        version, digest = trainer.learners.digests()[0]
+        version, digest = trainer.executor.learners.digests()[0]
         assert version == 2
-        synced = ray.get([s.digest.remote() for s in trainer.samplers])
+        synced = ray.get([s.digest.remote() for s in trainer.executor.samplers])
         assert synced == [(2, digest), (2, digest)]
         assert synced[0][1] != initial[0][1]  # the weights really changed
     finally:
-        trainer.shutdown()
+        trainer.executor.shutdown()
 
 
 def test_sharded_learners_with_collective_sync_and_one_step_off(tmp_path):
@@ -157,11 +190,11 @@ def test_sharded_learners_with_collective_sync_and_one_step_off(tmp_path):
     try:
         for _ in range(3):
             trainer.train_step()
-        (v0, d0), (v1, d1) = trainer.learners.digests()
+        (v0, d0), (v1, d1) = trainer.executor.learners.digests()
         assert v0 == v1 == 3 and d0 == d1
-        assert ray.get([s.digest.remote() for s in trainer.samplers]) == [(3, d0), (3, d0)]
+        assert ray.get([s.digest.remote() for s in trainer.executor.samplers]) == [(3, d0), (3, d0)]
     finally:
-        trainer.shutdown()
+        trainer.executor.shutdown()
     assert metric_history(trainer, "train/policy_lag") == [0.0, 1.0, 1.0]
     lora = load_file(str(tmp_path / "run" / "checkpoints" / "step_000003" / "lora.safetensors"))
     assert lora.keys() == build_policy(cfg.model, cfg.seed).lora_state_dict().keys()
@@ -180,6 +213,10 @@ def test_one_step_off_pipeline_logs_lag_and_resumes_exactly(tmp_path):
     assert summary["steps"] == 4
     assert metric_history(trainer, "train/policy_lag") == [0.0, 1.0, 1.0, 1.0]
     kl = metric_history(trainer, "train/kl_mean")
+    local = Trainer(cfg, build_reward(cfg.reward.name), tmp_path / "local")  # the same loop, in-process
+    local.run()
+    for key in ("train/policy_lag", "reward/mean", "train/kl_mean"):
+        assert metric_history(local, key) == metric_history(trainer, key), key
     assert all(np.isfinite(kl)) and kl[0] >= 0
     ckpt = tmp_path / "run" / "checkpoints"
     assert (ckpt / "step_000002" / "lora_previous.safetensors").is_file()
@@ -187,8 +224,8 @@ def test_one_step_off_pipeline_logs_lag_and_resumes_exactly(tmp_path):
     stopped = RayTrainer(cfg, tmp_path / "run2")
     stopped.train_step()
     stopped.train_step()
-    assert 2 in stopped._inflight  # the next rollout was in flight when the run stopped
-    stopped.shutdown()
+    assert 2 in stopped.pipeline.inflight  # the next rollout was in flight when the run stopped
+    stopped.executor.shutdown()
     resumed = RayTrainer(cfg, tmp_path / "run2")
     assert resumed.state.step == 2 and resumed.run()["steps"] == 4
     assert metric_history(resumed, "train/policy_lag") == [0.0, 1.0, 1.0, 1.0]
@@ -216,7 +253,7 @@ def test_killed_sampler_is_restarted_and_its_chunk_redone(tmp_path, transport):
     assert sum(redone) >= 1 and len(redone) == 3
     assert metric_history(faulty, "reward/mean") == metric_history(plain, "reward/mean")
     assert metric_history(faulty, "train/policy_version") == [1.0, 2.0, 3.0]
-    assert faulty._regroups == (1 if transport == "collective" else 0)
+    assert faulty.executor.transport.regroups == (1 if transport == "collective" else 0)
 
 
 def test_dead_reward_server_is_restarted_and_the_batch_rescored(tmp_path):
@@ -255,7 +292,7 @@ def test_reward_runs_in_its_own_runtime_env(tmp_path):
         metrics = trainer.train_step()
         assert metrics["reward/mean"] == pytest.approx(0.25)
     finally:
-        trainer.shutdown()
+        trainer.executor.shutdown()
 
 
 def test_dead_learner_leaves_a_checkpoint_that_resume_continues(tmp_path):

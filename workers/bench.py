@@ -161,7 +161,7 @@ def weight_sync(cfg: Config, repeats: int = 10, samplers: int = 2) -> dict[str, 
         ray.get([a.pid.remote() for a in actors])
         for kind in ("lora", "full"):
             out[kind] = _time_sync(group, actors, kind, repeats)
-        from workers.driver import form_weight_group, weight_group_backend
+        from workers.transport import form_weight_group, weight_group_backend
 
         ray.get(form_weight_group(cfg, group, actors))
         backend = weight_group_backend(cfg)

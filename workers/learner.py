@@ -19,21 +19,16 @@ import torch.distributed as dist
 
 from rlflow import builders, fsdp
 from rlflow.config import Config, ConfigError, validate
-from rlflow.learner import Learner, StatState, merge_stats
+from rlflow.learner import StatState, merge_stats
+from rlflow.run import ResumableError, keeps_previous
 from rlflow.system import keep_freed_memory
-from workers.messages import (
-    WeightUpdate,
-    array_to_tensor,
-    concat_trajectories,
-    state_to_update,
-    tensor_to_array,
-    unpack_trajectories,
-)
+from rlflow.types import LearnerState, Rollout
+from workers.messages import WeightUpdate, array_to_tensor, from_wire, state_to_update, tensor_to_array
 from workers.placement import GpuSlot, Placement, gpu_slot, shared_gpus
 from workers.weight_sync import WeightGroup, live_weights, weight_state, weights_digest
 
 
-class LearnerError(RuntimeError):
+class LearnerError(ResumableError):
     """A learner rank failed: the step is lost; the last checkpoint is intact and ``--resume`` continues it."""
 
 
@@ -48,10 +43,7 @@ class LearnerWorker:
         self.rank, self.world_size = rank, world_size
         self.policy = builders.build_policy(self.cfg.model, self.cfg.seed)
         self.policy.set_resolution(self.cfg.sampling.height, self.cfg.sampling.width)
-        self.learner = Learner(
-            self.policy, builders.build_algo(self.cfg.algo), builders.learner_settings(self.cfg.train, self.cfg.sampling),
-            builders.step_settings(self.cfg.sampling), rank=rank, world_size=world_size,
-        )
+        self.learner = builders.build_learner(self.policy, self.cfg, rank=rank, world_size=world_size)
         self.weight_group: WeightGroup | None = None
 
     @staticmethod
@@ -73,25 +65,19 @@ class LearnerWorker:
         return self.rank
 
     def update(self, chunks: list[Any], adv: np.ndarray, seed: int) -> StatState:
-        """One update on the step's batch (``chunks``: ObjectRefs of packed trajectories, in batch order)."""
+        """One update on the step's batch (``chunks``: ObjectRefs of wire rollout chunks, in batch order)."""
         torch.set_num_threads(self.threads)  # per calling thread: Ray may run methods off the init thread
-        traj = concat_trajectories([unpack_trajectories(c) for c in ray.get(chunks)])
-        self.policy.transformer.train()
-        try:
-            return self.learner.update_raw(traj, array_to_tensor(adv), seed=seed)
-        finally:
-            self.policy.transformer.eval()
+        return self.learner.update_raw(_batch(chunks), array_to_tensor(adv), seed=seed)
 
-    def gradient(self, chunks: list[Any], adv: np.ndarray) -> np.ndarray:
+    def gradient(self, chunks: list[Any], adv: np.ndarray, seed: int = 0) -> np.ndarray:
         """The all-reduced gradient of the whole batch's loss (one mini-batch, no optimizer step)."""
         torch.set_num_threads(self.threads)
-        traj = concat_trajectories([unpack_trajectories(c) for c in ray.get(chunks)])
-        return tensor_to_array(self.learner.gradient(traj, array_to_tensor(adv)))[0]
+        return tensor_to_array(self.learner.gradient(_batch(chunks), array_to_tensor(adv), seed=seed))[0]
 
     def publish(self, kind: str, version: int | None = None) -> list[Any]:
         """Put this rank's weights (of the current policy version, or of a kept older ``version``) in the object
         store; returns ``[ref]`` (a list, so the driver gets the reference, not the data)."""
-        version, state = self._weights(version, weight_state, kind)
+        version, state = self._weights(version, lambda p, k: weight_state(p, k, self.learner.sample_with), kind)
         return [ray.put(state_to_update(state, version, kind))] if self.rank == 0 else []
 
     def join_weight_group(self, host: str, port: int, world_size: int, backend: str) -> int:
@@ -101,7 +87,7 @@ class LearnerWorker:
 
     def broadcast_weights(self, kind: str, version: int | None = None) -> int:
         """Broadcast the weights of the current (or a kept older) ``version`` to the weight group."""
-        version, state = self._weights(version, live_weights, kind)
+        version, state = self._weights(version, lambda p, k: live_weights(p, k, self.learner.sample_with), kind)
         if self.rank != 0:
             return version
         if self.weight_group is None:
@@ -134,20 +120,27 @@ class LearnerWorker:
                 "total": sum(p.numel() for p in self.learner.params)}
 
     def digest(self) -> tuple[int, str]:
-        full = fsdp.full_lora_state(self.policy) if self.learner.sharded else None
+        """``(version, hash of the sampling weights)``: what the samplers should hold after a sync."""
+        adapter = self.learner.sample_with
+        full = fsdp.full_lora_state(self.policy, adapter) if self.learner.sharded else self.policy.lora_state_dict(adapter)
         return self.learner.version, weights_digest(self.policy, full)
 
-    def state_dict(self) -> dict[str, Any]:
-        return self.learner.state_dict(with_previous=self.cfg.ray.pipeline == "one_step_off")
+    def state(self) -> LearnerState:
+        return self.learner.state(with_previous=keeps_previous(self.cfg))
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.learner.load_state_dict(state)
+    def load_state(self, state: LearnerState) -> None:
+        self.learner.load_state(state)
 
     def pid(self) -> int:
         return os.getpid()
 
     def gpu_slot(self) -> GpuSlot:
         return gpu_slot()
+
+
+def _batch(chunks: list[Any]) -> Rollout:
+    """The step's batch from the object-store chunks (ObjectRefs of wire rollouts, in batch order)."""
+    return Rollout.cat([from_wire(c) for c in ray.get(chunks)])
 
 
 LearnerActor = ray.remote(LearnerWorker)
@@ -204,8 +197,8 @@ class LearnerGroup:
     def finish_update(self, refs: list[Any], step: int) -> dict[str, float]:
         return merge_stats(self._call(refs, f"update at step {step}"))
 
-    def gradient(self, chunk_refs: list[Any], adv: np.ndarray) -> list[np.ndarray]:
-        return self._call([a.gradient.remote(chunk_refs, adv) for a in self.actors], "compute gradients")
+    def gradient(self, chunk_refs: list[Any], adv: np.ndarray, seed: int = 0) -> list[np.ndarray]:
+        return self._call([a.gradient.remote(chunk_refs, adv, seed) for a in self.actors], "compute gradients")
 
     def publish(self, kind: str, version: int | None = None) -> Any:
         """The ObjectRef of rank 0's :class:`WeightUpdate` (the data stays in the object store)."""
@@ -226,11 +219,11 @@ class LearnerGroup:
         """The ranks that take part in publishing and saving: all of them when sharded, else rank 0."""
         return self.actors if self.sharded else self.actors[:1]
 
-    def state_dict(self) -> dict[str, Any]:
-        return self._call([a.state_dict.remote() for a in self._savers()], "save a checkpoint")[0]
+    def state(self) -> LearnerState:
+        return self._call([a.state.remote() for a in self._savers()], "save a checkpoint")[0]
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._call([a.load_state_dict.remote(state) for a in self.actors], "load the checkpoint")
+    def load_state(self, state: LearnerState) -> None:
+        self._call([a.load_state.remote(state) for a in self.actors], "load the checkpoint")
 
     def digests(self) -> list[tuple[int, str]]:
         return self._call([a.digest.remote() for a in self.actors], "report weights")

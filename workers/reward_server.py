@@ -14,14 +14,13 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import ray
 import torch
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from rlflow.config import ConfigError, RewardConfig
-from rlflow.types import RewardOutput
-from workers.messages import array_to_tensor, concat_rewards, pack, unpack_reward
+from rlflow.types import Conditions, Media, RewardOutput
+from workers.messages import from_wire, to_wire
 from workers.runtime import ActorGone, await_alive
 
 
@@ -40,18 +39,20 @@ class RewardServer:
         self.name, self.replica, self.max_batch_size = name, replica, max_batch_size
         self.fn = build_reward(name, kwargs)
 
-    def score(self, images: np.ndarray, prompts: list[str]) -> dict[str, Any]:
-        """``images`` ``[B, 3, H, W]`` in ``[0, 1]`` -> a packed :class:`RewardOutput` (numpy arrays)."""
-        imgs = array_to_tensor(images)
+    def score(self, media: Media, conditions: Conditions) -> RewardOutput:
+        """Wire :class:`Media` and :class:`Conditions` -> a wire :class:`RewardOutput`, in batches."""
+        media, conditions = from_wire(media), from_wire(conditions)
         parts = []
-        for i in range(0, len(prompts), self.max_batch_size):
+        for i in range(0, len(conditions), self.max_batch_size):
+            sl = slice(i, i + self.max_batch_size)
             try:
-                parts.append(self.fn(imgs[i : i + self.max_batch_size], prompts[i : i + self.max_batch_size]))
+                parts.append(self.fn(media.index(sl), conditions.index(sl)))
             except Exception as err:
                 raise RewardServerError(
-                    f"reward server '{self.name}' (replica {self.replica}) failed: {type(err).__name__}: {err}"
+                    f"reward server '{self.name}' (replica {self.replica}) failed on samples "
+                    f"{i}..{min(i + self.max_batch_size, len(conditions)) - 1}: {type(err).__name__}: {err}"
                 ) from err
-        return pack(concat_rewards(parts))
+        return to_wire(RewardOutput.cat(parts))
 
     def env(self, name: str) -> str | None:
         """An environment variable as the server sees it (checks a reward's runtime_env)."""
@@ -73,8 +74,8 @@ class RewardActor(RewardServer):
 @dataclass
 class _Call:
     key: Any
-    images: Any  # ObjectRef of [B, 3, H, W] images
-    prompts: list[str]
+    media: Any  # ObjectRef of the wire Media
+    conditions: Conditions
     replica: int = 0
     ref: Any = None
     deadline: float = 0.0
@@ -119,9 +120,9 @@ class RewardPool:
             ) from None
 
     # ---- calls
-    def submit(self, key: Any, images: Any, prompts: list[str]) -> None:
-        """Score ``images`` (an ObjectRef) under ``key``; the result is read with :meth:`result`."""
-        call = _Call(key=key, images=images, prompts=prompts, replica=self._next % len(self.actors))
+    def submit(self, key: Any, media: Any, conditions: Conditions) -> None:
+        """Score ``media`` (an ObjectRef of wire :class:`Media`) under ``key``; read it with :meth:`pop`."""
+        call = _Call(key=key, media=media, conditions=conditions, replica=self._next % len(self.actors))
         self._next += 1
         self._calls[key] = call
         self._dispatch(call)
@@ -129,7 +130,7 @@ class RewardPool:
     def _dispatch(self, call: _Call) -> None:
         actor = self.actors[call.replica]
         ahead = [c for c in self._calls.values() if c.replica == call.replica and c.result is None and c.ref is not None]
-        call.ref = actor.score.remote(call.images, call.prompts)
+        call.ref = actor.score.remote(call.media, to_wire(call.conditions))
         call.pid = self._pids[call.replica]
         call.deadline = time.monotonic() + self.cfg.timeout_s * (1 + len(ahead))
 
@@ -156,7 +157,7 @@ class RewardPool:
 
     def _finish(self, call: _Call) -> None:
         try:
-            call.result = unpack_reward(ray.get(call.ref))
+            call.result = from_wire(ray.get(call.ref))
         except RayTaskError as err:
             raise RewardServerError(_cause(err)) from None
         except RayActorError:
@@ -189,7 +190,7 @@ class RewardPool:
         call.attempts += 1
         if call.attempts > self.cfg.retries:
             raise RewardServerError(
-                f"reward server '{self.label}': a batch of {len(call.prompts)} images {why} "
+                f"reward server '{self.label}': a batch of {len(call.conditions)} samples {why} "
                 f"on {call.attempts} tries (reward.timeout_s={self.cfg.timeout_s:g}, reward.retries={self.cfg.retries})"
             )
         call.replica = (call.replica + 1) % len(self.actors)
@@ -207,10 +208,10 @@ class RewardPool:
     def discard(self, key: Any) -> None:
         self._calls.pop(key, None)
 
-    def score(self, keyed: list[tuple[Any, Any, list[str]]]) -> list[RewardOutput]:
-        """Blocking convenience: submit ``(key, images_ref, prompts)`` items and wait for all of them."""
-        for key, images, prompts in keyed:
-            self.submit(key, images, prompts)
+    def score(self, keyed: list[tuple[Any, Any, Conditions]]) -> list[RewardOutput]:
+        """Blocking convenience: submit ``(key, media_ref, conditions)`` items and wait for all of them."""
+        for key, media, conditions in keyed:
+            self.submit(key, media, conditions)
         while self.pending_refs():
             self.wait_some()
         return [self.pop(key) for key, _, _ in keyed]

@@ -53,7 +53,7 @@ def connect(cfg: Config, address: str | None = None, working_dir: str | None = N
         return ray.get_runtime_context().gcs_address
     runtime_env = None
     if working_dir:
-        from rlflow.jobs import EXCLUDES
+        from rlflow.workdir import EXCLUDES
 
         wd = Path(working_dir).expanduser().resolve()
         if not wd.is_dir():

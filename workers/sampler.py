@@ -17,9 +17,9 @@ import torch
 
 from rlflow import builders
 from rlflow.config import validate
-from rlflow.sampler import Sampler
 from rlflow.system import keep_freed_memory
-from workers.messages import ChunkStatus, WeightUpdate, pack, tensor_to_array, update_to_state
+from rlflow.types import Conditions, Media, Rollout
+from workers.messages import ChunkStatus, WeightUpdate, from_wire, to_wire, update_to_state
 from workers.placement import GpuSlot, gpu_slot
 from workers.weight_sync import WeightGroup, apply_update, live_weights, weights_digest
 
@@ -34,7 +34,7 @@ class SamplerWorker:
         self.cfg = validate(cfg)
         self.index = index
         self.policy = builders.build_policy(self.cfg.model, self.cfg.seed)
-        self.sampler = Sampler(self.policy, builders.sampler_settings(self.cfg.sampling))
+        self.sampler = builders.build_sampler(self.policy, self.cfg)
         self.version = 0
         self.weight_group: WeightGroup | None = None
 
@@ -57,22 +57,23 @@ class SamplerWorker:
         return self.version
 
     def rollout(
-        self, prompts: list[str], group_ids: np.ndarray, seed: int, trained: list[int], offset: int
-    ) -> tuple[dict[str, Any], np.ndarray, ChunkStatus]:
-        """One chunk: ``(packed Trajectories, images [B, 3, H, W], status)`` (three object-store entries)."""
+        self, conditions: Conditions, group_ids: np.ndarray, seed: int, trained: list[int], offset: int
+    ) -> tuple[Rollout, Media, ChunkStatus]:
+        """One chunk: ``(wire Rollout, wire Media, status)`` (three object-store entries: the learner reads the
+        first, the reward server the second, the driver only the small third)."""
         t0 = time.perf_counter()
         torch.set_num_threads(self.threads)  # per calling thread: Ray may run methods off the init thread
-        traj = self.sampler.rollout(
-            prompts, torch.from_numpy(np.array(group_ids, copy=True)), seed=seed, policy_version=self.version,
-            trained=trained, offset=offset,
+        roll = self.sampler.rollout(
+            from_wire(conditions), torch.from_numpy(np.array(group_ids, copy=True)), seed=seed,
+            policy_version=self.version, trained=trained, offset=offset,
         )
-        status = ChunkStatus(self.index, self.version, len(prompts), time.perf_counter() - t0)
-        return pack(traj), tensor_to_array(traj.images)[0], status
+        status = ChunkStatus(self.index, self.version, roll.num_samples, time.perf_counter() - t0)
+        return to_wire(roll), to_wire(roll.media), status
 
-    def sample(self, prompts: list[str], seeds: list[int], num_steps: int) -> np.ndarray:
-        """Deterministic ODE samples (evaluation), ``[B, 3, H, W]`` in ``[0, 1]``."""
+    def sample(self, conditions: Conditions, seeds: list[int], num_steps: int) -> Media:
+        """Deterministic ODE samples (evaluation), as wire :class:`Media`."""
         torch.set_num_threads(self.threads)
-        return tensor_to_array(self.sampler.sample(prompts, seeds, num_steps=num_steps))[0]
+        return to_wire(self.sampler.sample(from_wire(conditions), seeds, num_steps=num_steps))
 
     def digest(self) -> tuple[int, str]:
         """``(version, hash of the trainable weights)``: checks that a sync reached this actor."""

@@ -9,7 +9,9 @@ NCCL on GPUs, gloo on CPUs, apart from the learners' group) and rank 0 broadcast
 flat buffer per dtype, device to device; a header with the policy version and the layout goes first, so a
 sampler never loads weights of another version or another model by mistake.
 
-``lora`` publishes the adapter tensors only; ``full`` every tensor of the transformer.
+``lora`` publishes the adapter tensors only; ``full`` every tensor of the transformer. What is published is
+the adapter the algorithm samples with (``PolicySpec.sample_with``: the trained ``"default"`` one, or e.g.
+DiffusionNFT's ``"old"``) under the default adapter's names: a sampler holds one adapter and loads it there.
 """
 
 from __future__ import annotations
@@ -24,12 +26,23 @@ import torch.distributed as dist
 from rlflow.models.base import FlowPolicy
 
 
-def weight_state(policy: FlowPolicy, kind: str) -> dict[str, torch.Tensor]:
-    """The tensors a ``kind`` (``"lora"`` or ``"full"``) update carries."""
+def _full(policy: FlowPolicy, adapter: str, keep_vars: bool) -> dict[str, torch.Tensor]:
+    """Every transformer tensor, with the LoRA tensors of ``adapter`` only, named as the default adapter's."""
+    out = {}
+    for name, t in policy.transformer.state_dict(keep_vars=keep_vars).items():
+        if "lora_" not in name:
+            out[name] = t
+        elif f".{adapter}." in name:
+            out[name.replace(f".{adapter}.", ".default.")] = t
+    return out
+
+
+def weight_state(policy: FlowPolicy, kind: str, adapter: str = "default") -> dict[str, torch.Tensor]:
+    """The tensors a ``kind`` (``"lora"`` or ``"full"``) update of ``adapter`` carries."""
     if kind == "lora":
-        return policy.lora_state_dict()
+        return policy.lora_state_dict(adapter)
     if kind == "full":
-        return {k: v for k, v in policy.transformer.state_dict().items()}
+        return _full(policy, adapter, keep_vars=False)
     raise ValueError(f"ray.weight_sync '{kind}': expected 'lora' or 'full'")
 
 
@@ -118,10 +131,11 @@ def _layout_code(names: list[str], state: dict[str, torch.Tensor]) -> int:
     return int.from_bytes(h.digest()[:8], "big") >> 2
 
 
-def live_weights(policy: FlowPolicy, kind: str) -> dict[str, torch.Tensor]:
-    """The policy's own tensors a ``kind`` update writes into (parameters and buffers, not copies)."""
+def live_weights(policy: FlowPolicy, kind: str, adapter: str = "default") -> dict[str, torch.Tensor]:
+    """The policy's own tensors of ``adapter`` a ``kind`` update reads or writes (parameters and buffers, not
+    copies), under the names :func:`weight_state` gives them."""
     if kind == "lora":
-        return {n: p for n, p in policy.transformer.named_parameters() if "lora_" in n}
+        return dict(policy.adapter_parameters(adapter))
     if kind == "full":
-        return dict(policy.transformer.state_dict(keep_vars=True))
+        return _full(policy, adapter, keep_vars=True)
     raise ValueError(f"ray.weight_sync '{kind}': expected 'lora' or 'full'")

@@ -1,7 +1,8 @@
-"""Model families: one adapter per diffusers transformer class, loaded by family name.
+"""Model families: one adapter per diffusers transformer class, registered by family name.
 
-Adapters are imported lazily (``"module:Class"`` strings) so that importing :mod:`rlflow.models` does not
-import diffusers.
+Entries are ``"module:Class"`` strings imported on first use, so that importing :mod:`rlflow.models` (and the
+config schema, which validates ``model.family`` against this registry) does not import diffusers. A new
+family is one adapter file plus one ``MODEL_FAMILIES.add(name, "module:Class")`` line.
 """
 
 from __future__ import annotations
@@ -11,11 +12,11 @@ import importlib
 import torch
 
 from rlflow.models.base import FlowPolicy
+from rlflow.registry import Registry
 
-MODEL_FAMILIES: dict[str, str] = {
-    "sd3": "rlflow.models.sd3:SD3Policy",
-    "flux": "rlflow.models.flux:FluxPolicy",
-}
+MODEL_FAMILIES: Registry[str] = Registry("model family", "model.family")
+MODEL_FAMILIES.add("sd3", "rlflow.models.sd3:SD3Policy")
+MODEL_FAMILIES.add("flux", "rlflow.models.flux:FluxPolicy")
 
 
 def load_policy(
@@ -24,13 +25,9 @@ def load_policy(
     """``MODEL_FAMILIES[family].from_pretrained(path, dtype=dtype, device=device)``.
 
     Raises:
-        ValueError: ``family`` is not one of :data:`MODEL_FAMILIES`.
+        ConfigError: ``family`` is not registered (the message lists the registered families).
     """
-    if family not in MODEL_FAMILIES:
-        raise ValueError(
-            f"unknown model family {family!r}; allowed families: {', '.join(sorted(MODEL_FAMILIES))}"
-        )
-    module_name, cls_name = MODEL_FAMILIES[family].split(":")
+    module_name, cls_name = MODEL_FAMILIES.get(family).split(":")
     cls = getattr(importlib.import_module(module_name), cls_name)
     policy: FlowPolicy = cls.from_pretrained(path, dtype=dtype, device=device)
     return policy

@@ -16,6 +16,8 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
+from rlflow.types import Conditions
+
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 
 
@@ -61,13 +63,21 @@ class FlowPolicy(Protocol):
 
     def add_lora(self, rank: int, alpha: float, target_modules: tuple[str, ...] = ...) -> None: ...
 
-    def lora_state_dict(self) -> dict[str, Tensor]: ...
+    def lora_state_dict(self, adapter: str = "default") -> dict[str, Tensor]: ...
 
-    def load_lora_state_dict(self, state: dict[str, Tensor]) -> None: ...
+    def load_lora_state_dict(self, state: dict[str, Tensor], adapter: str = "default") -> None: ...
 
     def reference(self) -> contextlib.AbstractContextManager[None]: ...
 
     def trainable_parameters(self) -> list[nn.Parameter]: ...
+
+    def add_adapter_copy(self, name: str) -> None: ...
+
+    def adapter(self, name: str) -> contextlib.AbstractContextManager[None]: ...
+
+    def adapter_parameters(self, adapter: str = "default") -> dict[str, nn.Parameter]: ...
+
+    def encode(self, conditions: Conditions) -> Conditioning: ...
 
 
 class PromptCache:
@@ -93,7 +103,8 @@ class PromptCache:
 
 
 class LoraMixin:
-    """LoRA on ``self.transformer`` through diffusers' PEFT integration (one adapter named ``"default"``)."""
+    """LoRA on ``self.transformer`` through diffusers' PEFT integration: the trained adapter ``"default"`` and
+    any extra adapters an algorithm declares (e.g. DiffusionNFT's ``"old"`` policy), which never train."""
 
     transformer: Any
 
@@ -108,21 +119,60 @@ class LoraMixin:
         cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets)
         self.transformer.add_adapter(cfg)
 
+    def add_adapter_copy(self, name: str) -> None:
+        """A frozen second adapter ``name`` holding a copy of the default adapter's weights."""
+        if name == "default":
+            raise ValueError("the extra adapter may not be called 'default'")
+        cfg = self.transformer.peft_config["default"]
+        self.transformer.add_adapter(cfg, adapter_name=name)  # diffusers activates the new adapter ...
+        self.transformer.set_adapter("default")  # ... so make the trained one active (and trainable) again
+        self.load_lora_state_dict(self.lora_state_dict(), adapter=name)
+        for n, p in self.transformer.named_parameters():
+            if f".{name}." in n:
+                p.requires_grad_(False)
+
     def has_lora(self) -> bool:
         return bool(getattr(self.transformer, "_hf_peft_config_loaded", False))
 
-    def lora_state_dict(self) -> dict[str, Tensor]:
+    def lora_state_dict(self, adapter: str = "default") -> dict[str, Tensor]:
+        """The adapter's tensors under adapter-free names (the same names for every adapter)."""
         from peft.utils import get_peft_model_state_dict
 
-        return {k: v.detach().clone() for k, v in get_peft_model_state_dict(self.transformer).items()}
+        state = get_peft_model_state_dict(self.transformer, adapter_name=adapter)
+        return {k: v.detach().clone() for k, v in state.items()}
 
-    def load_lora_state_dict(self, state: dict[str, Tensor]) -> None:
+    def load_lora_state_dict(self, state: dict[str, Tensor], adapter: str = "default") -> None:
         from peft.utils import set_peft_model_state_dict
 
-        result = set_peft_model_state_dict(self.transformer, state)
+        result = set_peft_model_state_dict(self.transformer, state, adapter_name=adapter)
         unexpected = getattr(result, "unexpected_keys", None)
         if unexpected:
             raise ValueError(f"LoRA state has keys this model does not: {unexpected[:5]}")
+
+    def adapter_parameters(self, adapter: str = "default") -> dict[str, nn.Parameter]:
+        """The adapter's live parameters under adapter-free names (``...lora_A.weight``)."""
+        tag = f".{adapter}."
+        return {n.replace(tag, "."): p for n, p in self.transformer.named_parameters() if "lora_" in n and tag in n}
+
+    @contextlib.contextmanager
+    def adapter(self, name: str) -> Iterator[None]:
+        """Inside the block the transformer runs with adapter ``name``. Only the active-adapter pointer of
+        each LoRA layer moves: PEFT's ``set_adapter`` would also flip ``requires_grad``, which the optimizer
+        and FSDP must never see change."""
+        if name == "default":
+            yield
+            return
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        layers = [m for m in self.transformer.modules() if isinstance(m, BaseTunerLayer)]
+        saved = [m._active_adapter for m in layers]
+        for m in layers:
+            m._active_adapter = name
+        try:
+            yield
+        finally:
+            for m, a in zip(layers, saved, strict=True):
+                m._active_adapter = a
 
     @contextlib.contextmanager
     def reference(self) -> Iterator[None]:
@@ -138,6 +188,10 @@ class LoraMixin:
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.transformer.parameters() if p.requires_grad]
+
+    def encode(self, conditions: Conditions) -> Conditioning:
+        """Encoded conditions (the text-to-image families read the prompts only)."""
+        return self.encode_prompts(list(conditions.prompts))  # type: ignore[attr-defined]
 
 
 def freeze(*modules: nn.Module | None) -> None:

@@ -19,3 +19,19 @@ class Constant:
 
     def __call__(self, images, prompts):
         return torch.full((len(prompts),), self.value)
+
+
+def too_short(images, prompts):
+    return [0.0] * (len(prompts) - 1)
+
+
+def frames_and_sources(media, conditions):
+    """The media form: sees the whole video and the conditions' source images and metadata."""
+    motion = (media.frames[:, 1:] - media.frames[:, :-1]).abs().mean(dim=(1, 2, 3, 4))
+    src = conditions.source_images.mean(dim=(1, 2, 3, 4))
+    bonus = torch.tensor([float(m.get("bonus", 0.0)) for m in conditions.metadata])
+    return motion + src + bonus
+
+
+def words(images, prompts):
+    return "high"

@@ -20,6 +20,7 @@ import torch
 
 from rlflow.models.sd3 import SD3Policy
 from rlflow.sampler import Sampler, SamplerSettings
+from rlflow.types import Conditions
 from rlflow.worlds.shapes import accuracy_report, eval_set
 from rlflow.worlds.shapes.model import (
     build_scheduler,
@@ -65,8 +66,8 @@ def evaluate(policy: SD3Policy, per_kind: int, num_steps: int = 40) -> dict[str,
     """Strict held-out accuracy of the deterministic ODE sampler."""
     prompts, seeds = eval_set(per_kind)
     sampler = Sampler(policy, SamplerSettings(height=IMAGE_SIZE, width=IMAGE_SIZE, chunk_size=64))
-    images = sampler.sample(prompts, seeds, num_steps=num_steps)
-    return accuracy_report(images.numpy(), prompts)
+    media = sampler.sample(Conditions.of(prompts), seeds, num_steps=num_steps)
+    return accuracy_report(media.stills.numpy(), prompts)
 
 
 def _init_model(s: PretrainSettings) -> tuple[Any, Any, Any]:
