@@ -11,8 +11,8 @@ from rlflow.config import Config, ConfigError, DataConfig, ModelConfig, Sampling
 from rlflow.learner import Learner, LearnerSettings
 from rlflow.models import load_policy
 from rlflow.models.base import FlowPolicy
+from rlflow.policy_step import StepSettings
 from rlflow.sampler import Sampler, SamplerSettings
-from rlflow.sde import StepSettings
 from rlflow.tasks import PromptFileTask, ShapesTask, Task
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

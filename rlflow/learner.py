@@ -22,8 +22,8 @@ from torch import Tensor
 
 from rlflow.algos.base import Algorithm, LossModel, MicroBatch
 from rlflow.models.base import Conditioning, FlowPolicy
+from rlflow.policy_step import StepSettings
 from rlflow.sampler import chunks
-from rlflow.sde import StepSettings
 from rlflow.types import LearnerState, Rollout
 
 

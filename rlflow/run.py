@@ -80,6 +80,16 @@ class Collected:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
+class RolloutJob(Protocol):
+    """A launched rollout: its step and the batch it samples."""
+
+    @property
+    def step(self) -> int: ...
+
+    @property
+    def batch(self) -> StepBatch: ...
+
+
 class Executor(Protocol):
     """Where the stages run. ``launch`` may return before the rollout is done; ``collect`` waits for it."""
 
@@ -91,7 +101,7 @@ class Executor(Protocol):
 
     def has_version(self, version: int) -> bool: ...
 
-    def launch(self, step: int, batch: StepBatch, seed: int, version: int) -> Any: ...
+    def launch(self, step: int, batch: StepBatch, seed: int, version: int) -> RolloutJob: ...
 
     def collect(self, job: Any) -> Collected: ...
 
@@ -178,9 +188,11 @@ class RunRecorder:
         self.tracker.log_media(sample(sel, [seeds[i] for i in idx]), list(sel.prompts), step=step, name="eval_samples")
 
     def checkpoint(self, learner: LearnerState) -> Path:
-        """Save the resumable checkpoint locally and log its LoRA weights to MLflow."""
+        """Save the resumable checkpoint locally and log its LoRA weights (the trained adapter and the
+        algorithm's extra ones) to MLflow."""
         path = save_checkpoint(self.run_dir, self.state, learner)
-        self.tracker.log_artifact(path / "lora.safetensors", f"checkpoints/{path.name}")
+        for name in ["lora", *(f"lora_{a}" for a in learner.adapters)]:
+            self.tracker.log_artifact(path / f"{name}.safetensors", f"checkpoints/{path.name}")
         return path
 
     def finish(self, seconds: float) -> dict[str, Any]:
@@ -229,7 +241,7 @@ class Pipeline(Protocol):
 
     lag: int
 
-    def rollout_for(self, run: Run, step: int) -> Any:
+    def rollout_for(self, run: Run, step: int) -> RolloutJob:
         """The launched rollout of ``step`` (launching more ahead, if the mode does)."""
         ...
 
@@ -243,7 +255,7 @@ class Synchronous:
     def __init__(self, scores_each_chunk: bool) -> None:
         self.scores_each_chunk = scores_each_chunk
 
-    def rollout_for(self, run: Run, step: int) -> Any:
+    def rollout_for(self, run: Run, step: int) -> RolloutJob:
         return run.launch(step, run.state.policy_version)
 
 
@@ -256,9 +268,9 @@ class OneStepOff:
     lag = 1
 
     def __init__(self) -> None:
-        self.inflight: dict[int, Any] = {}
+        self.inflight: dict[int, RolloutJob] = {}
 
-    def rollout_for(self, run: Run, step: int) -> Any:
+    def rollout_for(self, run: Run, step: int) -> RolloutJob:
         job = self.inflight.pop(step, None)
         if job is None:
             previous = run.state.policy_version - 1
@@ -327,7 +339,7 @@ class Run:
     def stage_prompts(self, step: int) -> StepBatch:
         return step_batch(self.cfg, self.task, step)
 
-    def launch(self, step: int, version: int) -> Any:
+    def launch(self, step: int, version: int) -> RolloutJob:
         """prompts + rollout: launch step ``step``'s rollout with the weights of ``version``."""
         return self.executor.launch(step, self.stage_prompts(step), step_seed(self.cfg.seed, step, 1), version)
 

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from rlflow.algos.base import RolloutSpec
 from rlflow.models.base import FlowPolicy
-from rlflow.sde import StepSettings, policy_step
+from rlflow.policy_step import StepSettings, policy_step
 from rlflow.seeding import generator, stream_seed
 from rlflow.types import Conditions, Media, Rollout, StepRecord
 

@@ -8,8 +8,6 @@ the velocity ``v ~ eps - x0``. Every log-prob and KL is reduced with a MEAN over
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -17,10 +15,7 @@ from torch import Tensor
 
 from rlflow.types import StepOut
 
-if TYPE_CHECKING:
-    from rlflow.models.base import Conditioning, FlowPolicy
-
-__all__ = ["StepOut", "StepSettings", "sde_step", "step_kl", "flow_schedule", "policy_step", "STEP_KINDS"]
+__all__ = ["StepOut", "sde_step", "step_kl", "flow_schedule", "STEP_KINDS"]
 
 STEP_KINDS = ("sde", "cps", "ode")
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
@@ -148,33 +143,3 @@ def flow_schedule(num_steps: int, shift: float, num_train_timesteps: int = 1000)
     grid = torch.from_numpy(sigmas).to(torch.float32)
     return torch.cat([grid, torch.zeros(1)])
 
-
-@dataclass(frozen=True)
-class StepSettings:
-    """How one policy step is computed; shared by rollout and re-scoring so both agree to the bit."""
-
-    noise_level: float = 0.7
-    kind: str = "sde"
-    guidance_scale: float = 1.0
-
-
-def policy_step(
-    policy: FlowPolicy,
-    x: Tensor,
-    t: float,
-    t_next: float,
-    t_max: float,
-    cond: Conditioning,
-    step: StepSettings,
-    *,
-    stochastic: bool,
-    noise: Tensor | None = None,
-    prev_sample: Tensor | None = None,
-) -> StepOut:
-    """Velocity at ``(x, t)`` then one :func:`sde_step` (``"ode"`` when not ``stochastic``)."""
-    tt = torch.full((x.shape[0],), t, dtype=torch.float32, device=x.device)
-    v = policy.velocity(x, tt, cond, guidance_scale=step.guidance_scale)
-    return sde_step(
-        x, v, t, t_next, noise_level=step.noise_level, t_max=t_max,
-        kind=step.kind if stochastic else "ode", noise=noise, prev_sample=prev_sample,
-    )

@@ -108,6 +108,8 @@ def test_nft_resume_repeats_the_uninterrupted_run(tmp_path):
     for name in ("lora.safetensors", "lora_old.safetensors"):
         a, b = (load_file(str(d / "run" / "checkpoints" / "step_000004" / name)) for d in (tmp_path / "a", tmp_path / "b"))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    logged = {a.path for a in resumed.tracker.client.list_artifacts(resumed.tracker.run_id, "checkpoints/step_000004")}
+    assert logged == {"checkpoints/step_000004/lora.safetensors", "checkpoints/step_000004/lora_old.safetensors"}
     old = load_file(str(tmp_path / "a" / "run" / "checkpoints" / "step_000004" / "lora_old.safetensors"))
     new = load_file(str(tmp_path / "a" / "run" / "checkpoints" / "step_000004" / "lora.safetensors"))
     assert any(not torch.equal(old[k], new[k]) for k in old)  # the old policy lags the trained one

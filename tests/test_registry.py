@@ -1,13 +1,17 @@
 """Registries for what users plug in: the config schema is built from them, duplicates raise, and an unknown
 name is a config error that lists the registered ones."""
 
+from pathlib import Path
+
 import pytest
 
 from rlflow.algos import ALGORITHMS, build_algorithm, register_algorithm
 from rlflow.algos.grpo import GRPOConfig
-from rlflow.config import ConfigError, validate
+from rlflow.config import ConfigError, load_config, validate
 from rlflow.models import MODEL_FAMILIES
 from rlflow.registry import Registry
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def test_algorithm_registry_builds_the_schema_and_the_objects():
@@ -36,3 +40,9 @@ def test_unknown_and_duplicate_names():
     reg.add("a", 1)
     reg.add("a", 1)  # the same entry again is fine (a module imported twice)
     assert reg.get("a") == 1 and "a" in reg and reg.names() == ["a"]
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_validates_and_builds_its_algorithm(path):
+    cfg = load_config(path)
+    assert build_algorithm(cfg.algo).name == cfg.algo.name == path.stem.rsplit("_", 1)[1]

@@ -24,9 +24,9 @@ import torch
 from torch import Tensor
 
 from rlflow.models.base import Conditioning, FlowPolicy
+from rlflow.policy_step import StepSettings, policy_step
 from rlflow.registry import Registry
 from rlflow.schema import Section
-from rlflow.sde import StepSettings, policy_step
 from rlflow.types import Rollout, StepOut
 
 

@@ -31,8 +31,8 @@ import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 from torch import Tensor
 
-from rlflow.config import ConfigError
 from rlflow.models.base import Conditioning, LoraMixin, PromptCache, freeze
+from rlflow.schema import ConfigError
 
 
 def pack_latents(x: Tensor) -> Tensor:

@@ -19,8 +19,8 @@ import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 from torch import Tensor
 
-from rlflow.config import ConfigError
 from rlflow.models.base import Conditioning, LoraMixin, PromptCache, freeze
+from rlflow.schema import ConfigError
 from rlflow.sde import flow_schedule
 
 _OPTIONAL = ("text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3", "vae")
