@@ -1,4 +1,4 @@
-"""``rlflow``: the command line (train, pretrain, ui)."""
+"""``rlflow``: the command line (train, pretrain, sample, ui, bench and the Ray job commands)."""
 
 from __future__ import annotations
 
@@ -166,10 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--host", default="127.0.0.1")
     u.add_argument("--port", type=int, default=5000)
     u.set_defaults(func=cmd_ui)
-    from rlflow.cli import bench_cmd, jobs_cmd
+    from rlflow.cli import bench_cmd, jobs_cmd, sample_cmd
 
     jobs_cmd.register(sub)
     bench_cmd.register(sub)
+    sample_cmd.register(sub)
     return p
 
 
