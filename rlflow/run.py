@@ -32,7 +32,8 @@ from rlflow.algos import group_advantages
 from rlflow.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
 from rlflow.config import Config, to_dict
 from rlflow.seeding import step_seed
-from rlflow.tasks import Task
+from rlflow.stats import paired_bootstrap
+from rlflow.tasks import EvalReport, Task
 from rlflow.tracking import Tracker, default_tracking_uri
 from rlflow.types import Conditions, LearnerState, Media, RewardOutput
 
@@ -146,6 +147,7 @@ class RunRecorder:
             tags={"rlflow.run_dir": str(self.run_dir.resolve()), **(tags or {})},
         )
         self.state.mlflow_run_id = self.tracker.run_id
+        self.primary: str | None = None
 
     def due(self, every: int) -> bool:
         return every > 0 and self.state.step % every == 0
@@ -174,6 +176,22 @@ class RunRecorder:
         m["throughput/rollout_images_per_s"] = num_samples / max(got.rollout_seconds, 1e-9)
         m.update(got.metrics)
         return m
+
+    def compare_with_base(self, report: EvalReport) -> dict[str, float]:
+        """The first eval of a run is the base model's: its per-sample scores are kept in the run folder
+        (``eval_base.npy``) and every later eval reports its paired gain over them."""
+        path = self.run_dir / "eval_base.npy"
+        self.primary = report.primary
+        if not path.is_file():
+            np.save(path, report.per_sample)
+            return {}
+        base = np.load(path, allow_pickle=False)
+        if base.shape != report.per_sample.shape:  # the eval set changed (e.g. a --set on resume)
+            return {}
+        diff = report.per_sample - base
+        lo, hi = paired_bootstrap(diff)
+        key = f"{report.primary}_gain"
+        return {key: float(diff.mean()), f"{key}_lo": lo, f"{key}_hi": hi}
 
     def log_step(self, metrics: dict[str, float]) -> None:
         self.state.history.update({k: v for k, v in metrics.items() if k.startswith(("eval/", "reward/"))})
@@ -231,6 +249,11 @@ class RunRecorder:
             "eval_after": {k.split("/", 1)[1]: v for k, v in h.items() if k.startswith("eval/")},
             **self._run_averages(),
         }
+        gain = f"eval/{self.primary}_gain"
+        if gain in h:
+            lo, hi = h[f"{gain}_lo"], h[f"{gain}_hi"]
+            summary["eval_gain"] = {"metric": self.primary, "gain": h[gain], "ci95": [lo, hi],
+                                    "significant": bool(lo > 0 or hi < 0)}
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         return summary
 
@@ -358,8 +381,12 @@ class Run:
         return self.rec.checkpoint(self.executor.learner_state())
 
     def evaluate(self) -> dict[str, float]:
+        """The task's eval metrics, and the change of its primary metric since the base model's eval (the
+        first one), pair by pair on the same conditions and seeds: ``<primary>_gain`` with its 95% paired
+        bootstrap interval (``_gain_lo``, ``_gain_hi``)."""
         conditions, seeds = self.task.eval_set()
-        return self.task.eval_metrics(self.sample(conditions, seeds), conditions, self.executor.score)
+        report = self.task.eval_metrics(self.sample(conditions, seeds), conditions, self.executor.score)
+        return {**report.metrics, **self.rec.compare_with_base(report)}
 
     def sample(self, conditions: Conditions, seeds: list[int]) -> Media:
         return self.executor.sample(conditions, seeds)

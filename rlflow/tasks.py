@@ -6,12 +6,24 @@ strict accuracy. ``PromptFileTask``: prompts from text files (one per line), sco
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
 from rlflow.types import Conditions, Media, RewardFn
+
+
+@dataclass(frozen=True)
+class EvalReport:
+    """metrics: name -> value (logged as ``eval/<name>``). primary: the metric whose per-sample values are
+    ``per_sample`` (``[B]`` float64, the eval set's order), which the run compares pair by pair with the
+    base model's on the same conditions and seeds."""
+
+    metrics: dict[str, float]
+    primary: str
+    per_sample: np.ndarray
 
 
 class Task(Protocol):
@@ -22,7 +34,7 @@ class Task(Protocol):
 
     def eval_set(self) -> tuple[Conditions, list[int]]: ...
 
-    def eval_metrics(self, media: Media, conditions: Conditions, reward: RewardFn) -> dict[str, float]: ...
+    def eval_metrics(self, media: Media, conditions: Conditions, reward: RewardFn) -> EvalReport: ...
 
 
 class ShapesTask:
@@ -43,10 +55,11 @@ class ShapesTask:
         prompts, seeds = eval_set(self.eval_per_kind)
         return Conditions.of(prompts), seeds
 
-    def eval_metrics(self, media: Media, conditions: Conditions, reward: RewardFn) -> dict[str, float]:
-        from rlflow.worlds.shapes import accuracy_report
+    def eval_metrics(self, media: Media, conditions: Conditions, reward: RewardFn) -> EvalReport:
+        from rlflow.worlds.shapes import strict_report
 
-        return accuracy_report(media.stills.numpy(), list(conditions.prompts))
+        metrics, strict = strict_report(media.stills.numpy(), list(conditions.prompts))
+        return EvalReport(metrics, "accuracy", strict)
 
 
 def _read_prompts(path: str, field: str) -> list[str]:
@@ -72,8 +85,8 @@ class PromptFileTask:
         prompts = [p for p in self._eval for _ in range(self.eval_seeds)]
         return Conditions.of(prompts), [1_000_000 + i for i in range(len(prompts))]
 
-    def eval_metrics(self, media: Media, conditions: Conditions, reward: RewardFn) -> dict[str, float]:
+    def eval_metrics(self, media: Media, conditions: Conditions, reward: RewardFn) -> EvalReport:
         out = reward(media, conditions)
         metrics = {"reward": float(out.score.mean())}
         metrics.update({f"reward_{k}": float(v.mean()) for k, v in out.components.items()})
-        return metrics
+        return EvalReport(metrics, "reward", out.score.double().numpy())

@@ -74,6 +74,8 @@ def test_accuracy_report_and_reward_plugin():
     prompts = [s.prompt for s in specs] + ["a circle"]
     rep = accuracy_report(images, prompts)
     assert rep["accuracy"] == pytest.approx(2 / 3) and rep["accuracy_color"] == 1.0 and rep["accuracy_single"] == 0.0
+    assert (rep["accuracy_lo"], rep["accuracy_hi"]) == pytest.approx((0.207655, 0.938517), abs=1e-5)  # Wilson 2/3
+    assert (rep["accuracy_single_lo"], rep["accuracy_single_hi"]) == pytest.approx((0.0, 0.793454), abs=1e-5)  # 0/1
     out = build_reward("shapes_geneval")(Media(images=torch.from_numpy(images)), Conditions.of(prompts))
     assert out.score.tolist() == pytest.approx([1.0, 1.0, 0.0])
     assert out.components["strict"].tolist() == [1.0, 1.0, 0.0]

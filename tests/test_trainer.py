@@ -115,6 +115,15 @@ def test_resume_repeats_the_uninterrupted_run(tmp_path):
     assert {"config.yaml", "summary.json", "images", "checkpoints"} <= logged
     assert summary["eval_before"] == full_summary["eval_before"]
     assert summary["eval_after"] == full_summary["eval_after"]
+    # the final eval is compared pair by pair with the base's (the first eval), kept in the run folder
+    assert (tmp_path / "b" / "run" / "eval_base.npy").is_file()
+    gain = full_summary["eval_gain"]
+    assert gain == summary["eval_gain"] and gain["metric"] == "accuracy"
+    before, after = full_summary["eval_before"], full_summary["eval_after"]
+    assert gain["gain"] == pytest.approx(after["accuracy"] - before["accuracy"])
+    assert gain["ci95"][0] <= gain["gain"] <= gain["ci95"][1]
+    assert gain["significant"] == (gain["ci95"][0] > 0 or gain["ci95"][1] < 0)
+    assert before["accuracy_lo"] <= before["accuracy"] <= before["accuracy_hi"]
 
 
 def test_cli_train_and_resume(tmp_path, capsys):

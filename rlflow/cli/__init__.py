@@ -106,7 +106,13 @@ def _print_summary(s: dict) -> None:  # type: ignore[type-arg]
     before, after = s["eval_before"], s["eval_after"]
     print("\n== rlflow run summary ==")
     for key in sorted(set(before) & set(after)):
-        print(f"  eval {key:<22} {before[key]:.3f} -> {after[key]:.3f}")
+        if not key.endswith(("_lo", "_hi")):
+            span = f"  [{after[key + '_lo']:.3f}, {after[key + '_hi']:.3f}]" if key + "_lo" in after else ""
+            print(f"  eval {key:<22} {before[key]:.3f} -> {after[key]:.3f}{span}")
+    if "eval_gain" in s:
+        g = s["eval_gain"]
+        verdict = "significant" if g["significant"] else "not significant"
+        print(f"  eval {g['metric']} gain {g['gain']:+.3f}, 95% [{g['ci95'][0]:+.3f}, {g['ci95'][1]:+.3f}] ({verdict})")
     for key in ("train_reward_first10", "train_reward_last10", "rollout_images_per_s", "mean_step_seconds"):
         if key in s:
             print(f"  {key:<27} {s[key]:.3f}")
