@@ -31,6 +31,7 @@ from rlflow import builders
 from rlflow.algos import group_advantages
 from rlflow.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
 from rlflow.config import Config, to_dict
+from rlflow.redact import redact
 from rlflow.seeding import step_seed
 from rlflow.stats import paired_bootstrap
 from rlflow.tasks import EvalReport, Task
@@ -153,10 +154,12 @@ class RunRecorder:
         return every > 0 and self.state.step % every == 0
 
     def log_start(self, eval_metrics: dict[str, float]) -> None:
-        """Config (params and artifact) and the evaluation before the first step."""
+        """Config (params and artifact, secrets redacted: :mod:`rlflow.redact`) and the evaluation before the
+        first step. The run folder keeps the complete ``config.yaml`` for ``--resume``."""
         (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
-        self.tracker.log_params(to_dict(self.cfg))
-        self.tracker.log_artifact(self.run_dir / "config.yaml")
+        shared = redact(to_dict(self.cfg))
+        self.tracker.log_params(shared)
+        self.tracker.log_dict(shared, "config.yaml")
         self.state.history.update({f"eval_before/{k}": v for k, v in eval_metrics.items()})
         self.tracker.log_metrics({f"eval/{k}": v for k, v in eval_metrics.items()}, step=0)
 

@@ -35,3 +35,8 @@ def frames_and_sources(media, conditions):
 
 def words(images, prompts):
     return "high"
+
+
+def with_secrets(images, prompts, api_key="", endpoint=""):
+    """A reward configured with credentials (the redaction test checks they are never logged)."""
+    return [0.5] * len(prompts)
