@@ -8,11 +8,11 @@ re-score them with a checker of their own.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
@@ -20,6 +20,7 @@ from rlflow import builders
 from rlflow.checkpoint import latest_checkpoint, load_checkpoint
 from rlflow.config import Config, load_config
 from rlflow.schema import ConfigError
+from rlflow.tracking import to_uint8
 from rlflow.types import Conditions, Media
 
 
@@ -46,20 +47,9 @@ def resolve_source(path: str | Path, *, base: bool = False, overrides: list[str]
     return Source(load_config(run_dir / "config.yaml", overrides), None if base else ckpt)
 
 
-def read_prompts(path: str | Path) -> list[str]:
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"--prompts {p}: no such file")
-    prompts = [line.strip() for line in p.read_text().splitlines() if line.strip()]
-    if not prompts:
-        raise ConfigError(f"--prompts {p}: the file holds no prompts (one per line)")
-    return prompts
-
-
 def to_png(image: torch.Tensor) -> Image.Image:
-    """``[3, H, W]`` in ``[0, 1]`` -> an RGB image."""
-    arr = np.rint(image.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).astype(np.uint8)
-    return Image.fromarray(arr, "RGB")
+    """``[3, H, W]`` in ``[0, 1]`` -> an RGB image (the conversion the MLflow image grids use)."""
+    return Image.fromarray(to_uint8(image[None])[0], "RGB")
 
 
 def sample_to_folder(
@@ -79,10 +69,7 @@ def sample_to_folder(
     sampler = builders.build_sampler(policy, cfg, adapter=adapter)
     rows = [(p, s) for p in prompts for s in range(seeds)]
     conditions = Conditions.of([p for p, _ in rows])
-    if source.checkpoint is None:
-        with policy.reference():
-            media = sampler.sample(conditions, [s for _, s in rows], num_steps=steps)
-    else:
+    with policy.reference() if source.checkpoint is None else contextlib.nullcontext():
         media = sampler.sample(conditions, [s for _, s in rows], num_steps=steps)
     return write_folder(media, rows, Path(out))
 

@@ -12,6 +12,7 @@ from typing import Protocol
 
 import numpy as np
 
+from rlflow.schema import ConfigError
 from rlflow.types import Conditions, Media, RewardFn
 
 
@@ -62,20 +63,22 @@ class ShapesTask:
         return EvalReport(metrics, "accuracy", strict)
 
 
-def _read_prompts(path: str, field: str) -> list[str]:
+def read_prompts(path: str | Path, field: str) -> list[str]:
+    """The non-empty lines of a prompt file; a missing or empty file is a :class:`ConfigError` naming
+    ``field`` (the config key or command-line flag that gave the path)."""
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"{field}: prompt file not found: {p}")
+        raise ConfigError(f"{field}: prompt file not found: {p}")
     prompts = [line.strip() for line in p.read_text().splitlines() if line.strip()]
     if not prompts:
-        raise ValueError(f"{field}: {p} holds no prompts")
+        raise ConfigError(f"{field}: {p} holds no prompts (one per line)")
     return prompts
 
 
 class PromptFileTask:
     def __init__(self, train_file: str, eval_file: str | None, eval_seeds: int = 1):
-        self._train = _read_prompts(train_file, "data.train_file")
-        self._eval = _read_prompts(eval_file, "data.eval_file") if eval_file else self._train[:16]
+        self._train = read_prompts(train_file, "data.train_file")
+        self._eval = read_prompts(eval_file, "data.eval_file") if eval_file else self._train[:16]
         self.eval_seeds = eval_seeds
 
     def train_conditions(self, rng: np.random.Generator, n: int) -> Conditions:

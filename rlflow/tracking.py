@@ -45,6 +45,7 @@ __all__ = [
     "default_tracking_uri",
     "flatten",
     "image_grid",
+    "to_uint8",
     "serve_ui",
     "server_command",
     "start_server",
@@ -110,7 +111,7 @@ def flatten(d: Mapping, prefix: str = "") -> dict[str, str]:
 # --------------------------------------------------------------------------- image grid
 
 
-def _to_uint8(images: Any) -> np.ndarray:
+def to_uint8(images: Any) -> np.ndarray:
     """Float tensor/array [B,C,H,W] in [0,1] -> uint8 array [B,H,W,3]."""
     if hasattr(images, "detach"):  # torch.Tensor, without importing torch here
         images = images.detach().float().cpu().numpy()
@@ -124,7 +125,7 @@ def _to_uint8(images: Any) -> np.ndarray:
     return np.rint(arr).astype(np.uint8).transpose(0, 2, 3, 1)
 
 
-def _video_to_uint8(video: Any) -> np.ndarray:
+def _videoto_uint8(video: Any) -> np.ndarray:
     """Float tensor/array [B,T,C,H,W] in [0,1] -> uint8 array [B,T,H,W,3]."""
     if hasattr(video, "detach"):  # torch.Tensor, without importing torch here
         video = video.detach().float().cpu().numpy()
@@ -132,7 +133,7 @@ def _video_to_uint8(video: Any) -> np.ndarray:
     if arr.ndim != 5 or arr.shape[2] not in (1, 3):
         raise ValueError(f"expected video of shape [B,T,3,H,W], got {tuple(arr.shape)}")
     b, t, c, h, w = arr.shape
-    return _to_uint8(arr.reshape(b * t, c, h, w)).reshape(b, t, h, w, 3)
+    return to_uint8(arr.reshape(b * t, c, h, w)).reshape(b, t, h, w, 3)
 
 
 def _strip_frames(t: int, max_frames: int) -> list[int]:
@@ -190,7 +191,7 @@ def image_grid(images: Any, captions: Sequence[str] = ()) -> Image.Image:
     ``min(8, B)`` columns; each tile is upscaled by the smallest integer factor making it at least 96 px
     wide; tiles are separated by a 2 px gap; captions are wrapped to the tile width (at most 4 lines).
     """
-    return _grid_uint8(_to_uint8(images), captions)
+    return _grid_uint8(to_uint8(images), captions)
 
 
 def _grid_uint8(arr: np.ndarray, captions: Sequence[str]) -> Image.Image:
@@ -238,7 +239,7 @@ def video_strips(video: Any, captions: Sequence[str] = (), max_frames: int = STR
     tallest caption (0 without captions); captions wrap to the row width (at most 4 lines). Tile ``j`` of
     sample ``b`` sits at ``(2 + j * (tw + 2), 2 + b * (th + cap_h + 2))``.
     """
-    return _strips_uint8(_video_to_uint8(video), captions, max_frames)
+    return _strips_uint8(_videoto_uint8(video), captions, max_frames)
 
 
 def _strips_uint8(arr: np.ndarray, captions: Sequence[str], max_frames: int) -> Image.Image:
@@ -421,7 +422,7 @@ class Tracker:
         if not media.is_video:
             return [self.log_image_grid(media.images, caps, step, name=name)]
 
-        video = _video_to_uint8(media.video)
+        video = _videoto_uint8(media.video)
         stem = f"{name}_step{int(step):06d}"
         folder = self._tmpdir() / "images"
         folder.mkdir(parents=True, exist_ok=True)

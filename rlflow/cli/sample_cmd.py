@@ -25,14 +25,15 @@ def register(sub: Any) -> None:
 def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
-    from rlflow.samples import read_prompts, resolve_source, sample_to_folder
+    from rlflow.samples import resolve_source, sample_to_folder
     from rlflow.schema import ConfigError
+    from rlflow.tasks import read_prompts
 
     if args.seeds < 1 or args.steps < 1:
         raise ConfigError(f"--seeds {args.seeds} and --steps {args.steps} must both be >= 1")
     if args.threads:
         torch.set_num_threads(args.threads)
-    prompts = read_prompts(args.prompts)
+    prompts = read_prompts(args.prompts, "--prompts")
     source = resolve_source(args.run, base=args.base, overrides=args.set)
     rows = sample_to_folder(source, prompts, args.out, seeds=args.seeds, steps=args.steps, adapter=args.adapter)
     what = "base model" if source.checkpoint is None else str(source.checkpoint)
