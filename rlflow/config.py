@@ -49,7 +49,7 @@ class DataConfig(_Section):
     source: Literal["shapes", "file"] = "shapes"
     train_file: str | None = Field(None, description="one prompt per line (source: file)")
     eval_file: str | None = None
-    eval_per_kind: int = Field(32, ge=1, description="shapes world: held-out images per prompt kind")
+    eval_per_kind: int = Field(128, ge=1, description="shapes world: held-out images per prompt kind (4 kinds)")
     eval_seeds: int = Field(1, ge=1, description="file prompts: images per eval prompt")
 
     @model_validator(mode="after")

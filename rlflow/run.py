@@ -181,20 +181,27 @@ class RunRecorder:
         return m
 
     def compare_with_base(self, report: EvalReport) -> dict[str, float]:
-        """The first eval of a run is the base model's: its per-sample scores are kept in the run folder
-        (``eval_base.npy``) and every later eval reports its paired gain over them."""
-        path = self.run_dir / "eval_base.npy"
+        """The first eval of a run is the base model's: its per-sample scores and metrics are kept in the run
+        folder (``eval_base.npy``, ``eval_base.json``) and every later eval reports its paired gain over them,
+        and the change of each drift sentinel (metrics named ``drift_*``) as ``<name>_vs_base``."""
+        path, metrics_path = self.run_dir / "eval_base.npy", self.run_dir / "eval_base.json"
         self.primary = report.primary
         if not path.is_file():
             np.save(path, report.per_sample)
+            metrics_path.write_text(json.dumps(report.metrics, indent=2) + "\n")
             return {}
+        out: dict[str, float] = {}
+        if metrics_path.is_file():
+            base_metrics = json.loads(metrics_path.read_text())
+            out.update({f"{k}_vs_base": v - base_metrics[k] for k, v in report.metrics.items()
+                        if k.startswith("drift_") and k in base_metrics})
         base = np.load(path, allow_pickle=False)
         if base.shape != report.per_sample.shape:  # the eval set changed (e.g. a --set on resume)
-            return {}
+            return out
         diff = report.per_sample - base
         lo, hi = paired_bootstrap(diff)
         key = f"{report.primary}_gain"
-        return {key: float(diff.mean()), f"{key}_lo": lo, f"{key}_hi": hi}
+        return {**out, key: float(diff.mean()), f"{key}_lo": lo, f"{key}_hi": hi}
 
     def log_step(self, metrics: dict[str, float]) -> None:
         self.state.history.update({k: v for k, v in metrics.items() if k.startswith(("eval/", "reward/"))})
@@ -334,6 +341,7 @@ class Run:
     ) -> None:
         self.cfg, self.executor = cfg, executor
         self.pipeline = pipeline or build_pipeline(cfg)
+        self._recent_rewards: list[float] = []  # training reward means since the last eval
         try:
             self.task = builders.build_task(cfg.data)
             self.rec = RunRecorder(cfg, run_dir, tags=tags, run_id=run_id)  # only once the model has loaded
@@ -416,9 +424,18 @@ class Run:
         """eval / log / checkpoint."""
         cfg = self.cfg
         last = self.state.step == cfg.train.steps
+        self._recent_rewards.append(metrics["reward/mean"])
         if self.rec.due(cfg.train.eval_every) or last:
             te = time.perf_counter()
-            metrics.update({f"eval/{k}": v for k, v in self.evaluate().items()})
+            report = self.evaluate()
+            metrics.update({f"eval/{k}": v for k, v in report.items()})
+            # the generalisation gap: training reward since the last eval against the held-out primary metric;
+            # a gap that widens while the training reward rises is the first sign of reward hacking
+            recent = float(np.mean(self._recent_rewards))
+            metrics["eval/train_reward_recent"] = recent
+            if self.rec.primary in report:
+                metrics["eval/train_minus_heldout"] = recent - report[self.rec.primary]
+            self._recent_rewards.clear()
             metrics["time/eval"] = time.perf_counter() - te
         metrics["time/step"] = time.perf_counter() - t0
         self.rec.log_step(metrics)

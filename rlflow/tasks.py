@@ -39,7 +39,7 @@ class Task(Protocol):
 
 
 class ShapesTask:
-    def __init__(self, eval_per_kind: int = 32):
+    def __init__(self, eval_per_kind: int = 128):
         from rlflow.worlds.shapes import split
 
         self._train = split()[0]

@@ -175,7 +175,7 @@ def test_fsdp_two_ranks_match_one_process(tmp_path):
         for key in ("grads", "grads_no_sync"):
             assert list(res[key]) == list(expected_grads)
             for n, g in expected_grads.items():
-                torch.testing.assert_close(res[key][n], g, rtol=1e-5, atol=1e-8, msg=lambda m, n=n: f"{n}: {m}")
+                torch.testing.assert_close(res[key][n], g, rtol=1e-5, atol=1e-7, msg=lambda m, n=n: f"{n}: {m}")
         torch.testing.assert_close(res["grad_norm"], expected_norm, rtol=1e-5, atol=0)
         # (b) loading whole tensors into the shards: gathered back exactly, and what the forward uses; a
         # sharded snapshot (DTensors) loads back too

@@ -124,6 +124,14 @@ def test_resume_repeats_the_uninterrupted_run(tmp_path):
     assert gain["ci95"][0] <= gain["gain"] <= gain["ci95"][1]
     assert gain["significant"] == (gain["ci95"][0] > 0 or gain["ci95"][1] < 0)
     assert before["accuracy_lo"] <= before["accuracy"] <= before["accuracy_hi"]
+    # drift sentinels against the base's (eval_base.json), and the train-vs-held-out gap of the last eval
+    base_metrics = json.loads((tmp_path / "b" / "run" / "eval_base.json").read_text())
+    assert base_metrics["accuracy"] == before["accuracy"]
+    for key in ("drift_objects", "drift_object_area", "drift_saturation", "drift_stray_pixels"):
+        assert after[f"{key}_vs_base"] == pytest.approx(after[key] - before[key]), key
+    rewards = _history(full.tracker.run_id, uri_a, "reward/mean")
+    assert after["train_reward_recent"] == pytest.approx((rewards[3] + rewards[4]) / 2)  # steps since the last eval
+    assert after["train_minus_heldout"] == pytest.approx(after["train_reward_recent"] - after["accuracy"])
 
 
 def test_cli_train_and_resume(tmp_path, capsys):

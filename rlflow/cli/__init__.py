@@ -130,9 +130,9 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
     out = args.out or str(BASE_DIR)
-    settings = PretrainSettings(
-        steps=args.steps, stop_at=args.stop_at, seed=args.seed, eval_every=args.eval_every, snapshots=args.snapshots
-    )
+    given = {"steps": args.steps, "stop_at": args.stop_at, "seed": args.seed, "eval_every": args.eval_every,
+             "mislabel_rate": args.mislabel_rate}
+    settings = PretrainSettings(snapshots=args.snapshots, **{k: v for k, v in given.items() if v is not None})
     result = pretrain(out, settings, log=lambda m: print(m, flush=True))
     print(json.dumps(result, indent=2))
     return 0
@@ -160,11 +160,13 @@ def build_parser() -> argparse.ArgumentParser:
     pt = sub.add_parser("pretrain", help="pretrain a toy world's base model")
     pt.add_argument("world", help="shapes")
     pt.add_argument("--out", help="output folder (default: the shipped base model folder)")
-    pt.add_argument("--steps", type=int, default=5000, help="length of the learning-rate schedule")
-    pt.add_argument("--stop-at", type=int, default=2000, help="stop after this many steps (the shipped base)")
+    pt.add_argument("--steps", type=int, help="length of the learning-rate schedule (default 6000)")
+    pt.add_argument("--stop-at", type=int, help="stop after this many steps (default: the whole schedule)")
+    pt.add_argument("--mislabel-rate", type=float,
+                    help="fraction of training captions with one attribute wrong, the base's headroom (default 0.3)")
     pt.add_argument("--snapshots", action="store_true", help="also save the model at every eval")
-    pt.add_argument("--seed", type=int, default=0)
-    pt.add_argument("--eval-every", type=int, default=500)
+    pt.add_argument("--seed", type=int)
+    pt.add_argument("--eval-every", type=int)
     pt.add_argument("--threads", type=int, default=0)
     pt.set_defaults(func=cmd_pretrain)
     u = sub.add_parser("ui", help="serve the MLflow UI over a local run store")

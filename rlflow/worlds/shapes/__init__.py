@@ -5,27 +5,57 @@ from __future__ import annotations
 import numpy as np
 
 from rlflow.stats import wilson_interval
-from rlflow.worlds.shapes.checker import score_batch
+from rlflow.worlds.shapes.checker import analyse, checks, score_batch
 from rlflow.worlds.shapes.model import BASE_DIR
 from rlflow.worlds.shapes.prompts import eval_set, split, train_prompts
-from rlflow.worlds.shapes.scene import KINDS, parse_prompt
+from rlflow.worlds.shapes.scene import KINDS, SHAPES, parse_prompt
 
 __all__ = ["BASE_DIR", "eval_set", "split", "train_prompts", "score_batch", "accuracy_report", "strict_report"]
 
 
 def accuracy_report(images: np.ndarray, prompts: list[str]) -> dict[str, float]:
-    """Strict accuracy overall and per kind, each with its 95% Wilson interval (``*_lo``, ``*_hi``), and the
-    mean partial score, of ``[B, 3, 32, 32]`` images."""
+    """Strict accuracy overall, per kind and per shape, each with its 95% Wilson interval (``*_lo``, ``*_hi``),
+    the mean partial score, and the drift sentinels, of ``[B, 3, 32, 32]`` images."""
     return strict_report(images, prompts)[0]
 
 
 def strict_report(images: np.ndarray, prompts: list[str]) -> tuple[dict[str, float], np.ndarray]:
-    """:func:`accuracy_report` and the per-image strict scores ``[B]`` (0 or 1)."""
-    partial, strict = score_batch(images, prompts)
-    kinds = np.asarray([parse_prompt(p).kind for p in prompts])
+    """:func:`accuracy_report` and the per-image strict scores ``[B]`` (0 or 1).
+
+    Per shape: the prompts whose (first) object is that shape. Drift sentinels, to compare with the base
+    model's (a policy drifting towards what the checker tolerates shows here before accuracy moves):
+    ``drift_objects`` (detections per image), ``drift_object_area`` (mean core area of a detection, px),
+    ``drift_saturation`` (mean saturation of foreground pixels), ``drift_stray_pixels`` (per image).
+    """
+    if len(images) != len(prompts):
+        raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
+    specs = [parse_prompt(p) for p in prompts]
+    found = [analyse(img) for img in images]
+    results = [checks(s, dets, stray) for s, (dets, stray) in zip(specs, found, strict=True)]
+    partial = np.asarray([np.mean(c) for c in results])
+    strict = np.asarray([float(all(c)) for c in results])
+    kinds = np.asarray([s.kind for s in specs])
+    shapes = np.asarray([s.shape for s in specs])
     report = {"partial": float(partial.mean())}
-    for key, mask in [("accuracy", np.ones(len(prompts), dtype=bool))] + [(f"accuracy_{k}", kinds == k) for k in KINDS]:
+    groups = [("accuracy", np.ones(len(prompts), dtype=bool))]
+    groups += [(f"accuracy_{k}", kinds == k) for k in KINDS] + [(f"accuracy_{s}", shapes == s) for s in SHAPES]
+    for key, mask in groups:
         if mask.any():
             report[key] = float(strict[mask].mean())
             report[f"{key}_lo"], report[f"{key}_hi"] = wilson_interval(float(strict[mask].sum()), int(mask.sum()))
-    return report, strict.astype(np.float64)
+    report.update(drift_sentinels(images, found))
+    return report, strict
+
+
+def drift_sentinels(images: np.ndarray, found: list[tuple[list, int]]) -> dict[str, float]:
+    dets = [d for ds, _ in found for d in ds]
+    pix = np.asarray(images, dtype=np.float32).transpose(0, 2, 3, 1).reshape(-1, 3)
+    bright = pix.max(-1)
+    fg = bright > 0.25
+    sat = (bright[fg] - pix[fg].min(-1)) / bright[fg] if fg.any() else np.zeros(1)
+    return {
+        "drift_objects": float(np.mean([len(ds) for ds, _ in found])),
+        "drift_object_area": float(np.mean([d.area for d in dets])) if dets else 0.0,
+        "drift_saturation": float(sat.mean()),
+        "drift_stray_pixels": float(np.mean([s for _, s in found])),
+    }

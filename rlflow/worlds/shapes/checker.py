@@ -1,10 +1,20 @@
-"""A programmatic GenEval-style checker for the shapes world.
+"""A programmatic GenEval-style checker for the shapes world, strict enough that RL cannot game it.
 
-Detection: a pixel is foreground when its brightest channel exceeds ``FG_THRESHOLD``; it takes the palette colour
-of nearest chromaticity (colour / brightest channel; ``"other"`` when none is close). 4-connected components of one colour larger than
-``MIN_AREA`` pixels are objects; the bounding box names the shape: a triangle (apex up) has about a third of its mass above the
-middle of its box, and a square fills the 2x2 corners of its box where a circle leaves them empty. Scoring: a prompt becomes a list of boolean checks; the training reward is the
-fraction that pass (partial credit) and strict accuracy is 1 only when all pass.
+Detection: a pixel is foreground when its brightest channel exceeds ``FG_THRESHOLD``; it takes the palette
+colour of nearest chromaticity (colour / brightest channel; ``"other"`` when none is close). 4-connected
+components of one colour are candidate objects, measured on their core (the pixels at least half as bright as
+the component's peak). A core of at least ``MIN_AREA`` pixels is a detection; smaller specks are stray pixels.
+
+Shape: the core is fitted by each ideal shape (the renderer's own masks, over a few sizes and sub-pixel
+offsets); the shape is the best fit when its IoU is at least ``SHAPE_IOU`` and beats every other shape by
+``SHAPE_MARGIN``, else ``"blob"`` (noise, merged objects, a square-ish circle). An object counts only when
+its shape is known and its fitted size lies in ``SIZE_RANGE`` (the world draws 10-12 px objects), so an
+oversized blob, a merged pair and a tiny extra object all fail, while still counting towards the number of
+objects in the image.
+
+Scoring: a prompt becomes a list of boolean checks, one of which is that the image is clean (at most
+``STRAY_MAX`` stray foreground pixels); the training reward is the fraction that pass (partial credit) and
+strict accuracy is 1 only when all pass.
 """
 
 from __future__ import annotations
@@ -14,12 +24,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from rlflow.worlds.shapes.scene import COLORS, Spec, parse_prompt
+from rlflow.worlds.shapes.scene import COLORS, SHAPES, Spec, parse_prompt, shape_mask
 
 FG_THRESHOLD = 0.25
 CORE_LEVEL = 0.5
 COLOR_TOLERANCE = 0.45
-MIN_AREA = 10
+MIN_AREA = 4
+SHAPE_IOU = 0.75
+SHAPE_MARGIN = 0.04
+SIZE_RANGE = (7.5, 13.5)
+STRAY_MAX = 2
 _PALETTE_NAMES = list(COLORS)
 _PALETTE = np.asarray([COLORS[c] for c in _PALETTE_NAMES], dtype=np.float32)
 _PALETTE /= _PALETTE.max(axis=1, keepdims=True)  # chromaticity: brightness-free, so soft edges keep their hue
@@ -27,13 +41,21 @@ _PALETTE /= _PALETTE.max(axis=1, keepdims=True)  # chromaticity: brightness-free
 
 @dataclass(frozen=True)
 class Detection:
-    """A detected object: colour name (or ``"other"``), shape name (or ``"blob"``), centroid, area."""
+    """A detected object: colour name (or ``"other"``), shape name (or ``"blob"``), centroid, core area, the
+    fitted bounding-box side and the fit's IoU."""
 
     color: str
     shape: str
     cx: float
     cy: float
     area: int
+    size: float = 0.0
+    iou: float = 0.0
+
+    @property
+    def valid(self) -> bool:
+        """A recognised shape of the world's size: the only kind of detection a prompt's object can match."""
+        return self.shape != "blob" and SIZE_RANGE[0] <= self.size <= SIZE_RANGE[1]
 
 
 def _color_labels(img: np.ndarray) -> np.ndarray:
@@ -68,46 +90,59 @@ def _components(labels: np.ndarray) -> list[tuple[int, np.ndarray, np.ndarray]]:
     return out
 
 
-def _shape_of(ys: np.ndarray, xs: np.ndarray) -> str:
-    """Triangle (apex up): about a third of the mass above the box's middle; square vs circle: corners."""
-    bw, bh = xs.max() - xs.min() + 1, ys.max() - ys.min() + 1
-    if not 0.6 <= bw / bh <= 1.67:
-        return "blob"
-    fill = len(xs) / (bw * bh)
-    if fill < 0.35:
-        return "blob"
-    mid = (ys.min() + ys.max()) / 2
-    top, bottom = float((ys < mid).sum()), float((ys > mid).sum())
-    if top < 0.6 * bottom:
-        return "triangle"
-    box = np.zeros((bh, bw), dtype=bool)
-    box[ys - ys.min(), xs - xs.min()] = True
-    corners = np.concatenate([box[:2, :2], box[:2, -2:], box[-2:, :2], box[-2:, -2:]]).mean()
-    return "square" if corners >= 0.6 else "circle"
+_OFFSETS = np.asarray([-0.5, 0.0, 0.5], dtype=np.float32)
+_SIZE_STEPS = np.arange(-1.5, 2.01, 0.5, dtype=np.float32)
 
 
-def detect(img: np.ndarray) -> list[Detection]:
-    """Objects in a ``[3, 32, 32]`` image with values in ``[0, 1]``.
+def fit_shape(ys: np.ndarray, xs: np.ndarray) -> tuple[str, float, float]:
+    """``(shape or "blob", fitted size, IoU)`` of a pixel set, by the best fit of each ideal shape."""
+    x0, x1, y0, y1 = int(xs.min()), int(xs.max()) + 1, int(ys.min()), int(ys.max()) + 1
+    side = float(max(x1 - x0, y1 - y0))
+    pad = 3
+    gy, gx = np.mgrid[y0 - pad : y1 + pad, x0 - pad : x1 + pad].astype(np.float32) + 0.5
+    mask = np.zeros(gy.shape, dtype=bool)
+    mask[ys - y0 + pad, xs - x0 + pad] = True
+    sizes, dx, dy = np.meshgrid(side + _SIZE_STEPS, _OFFSETS, _OFFSETS, indexing="ij")
+    sizes, cx, cy = sizes.ravel(), (x0 + x1) / 2 + dx.ravel(), (y0 + y1) / 2 + dy.ravel()
+    best: dict[str, tuple[float, float]] = {}
+    for shape in SHAPES:
+        ideal = shape_mask(shape, cx[:, None, None], cy[:, None, None], sizes[:, None, None], gy, gx)
+        inter = (ideal & mask).sum((1, 2))
+        iou = inter / np.maximum((ideal | mask).sum((1, 2)), 1)
+        i = int(iou.argmax())
+        best[shape] = (float(iou[i]), float(sizes[i]))
+    ranked = sorted(best, key=lambda k: best[k][0], reverse=True)
+    top, runner_up = best[ranked[0]][0], best[ranked[1]][0]
+    if top < SHAPE_IOU or top - runner_up < SHAPE_MARGIN:
+        return "blob", float(max(side, best[ranked[0]][1])), top
+    return ranked[0], best[ranked[0]][1], top
 
-    A component's shape and centre are measured on its core: the pixels at least half as bright as the
-    component's peak (the half-maximum contour of a blurred edge sits where the sharp edge was).
-    """
+
+def analyse(img: np.ndarray) -> tuple[list[Detection], int]:
+    """``(detections, stray pixel count)`` of a ``[3, 32, 32]`` image with values in ``[0, 1]``."""
     arr = np.asarray(img, dtype=np.float32)
     bright = arr.max(0)
-    found = []
+    found, stray = [], 0
     for lab, ys, xs in _components(_color_labels(arr)):
         level = bright[ys, xs]
         core = level >= CORE_LEVEL * np.percentile(level, 90)
         ys, xs = ys[core], xs[core]
         if len(xs) < MIN_AREA:
+            stray += len(xs)
             continue
         color = _PALETTE_NAMES[lab] if lab < len(_PALETTE_NAMES) else "other"
-        found.append(Detection(color, _shape_of(ys, xs), float(xs.mean()), float(ys.mean()), len(xs)))
-    return found
+        shape, size, iou = fit_shape(ys, xs)
+        found.append(Detection(color, shape, float(xs.mean()) + 0.5, float(ys.mean()) + 0.5, len(xs), size, iou))
+    return found, stray
+
+
+def detect(img: np.ndarray) -> list[Detection]:
+    """Objects (valid or not) in a ``[3, 32, 32]`` image with values in ``[0, 1]``."""
+    return analyse(img)[0]
 
 
 def _matches(dets: list[Detection], shape: str, color: str | None) -> list[Detection]:
-    return [d for d in dets if d.shape == shape and (color is None or d.color == color)]
+    return [d for d in dets if d.valid and d.shape == shape and (color is None or d.color == color)]
 
 
 def _relation_holds(a: Detection, b: Detection, relation: str, margin: float = 2.0) -> bool:
@@ -115,24 +150,25 @@ def _relation_holds(a: Detection, b: Detection, relation: str, margin: float = 2
     return {"left of": dx > margin, "right of": -dx > margin, "above": dy > margin, "below": -dy > margin}[relation]
 
 
-def checks(spec: Spec, dets: list[Detection]) -> list[bool]:
-    """The boolean checks of one prompt on one image's detections."""
+def checks(spec: Spec, dets: list[Detection], stray: int = 0) -> list[bool]:
+    """The boolean checks of one prompt on one image's detections and stray pixel count."""
+    clean = stray <= STRAY_MAX
     if spec.kind == "position":
         a, b = _matches(dets, spec.shape, spec.color), _matches(dets, spec.shape2 or "", spec.color2)
         related = bool(a and b) and _relation_holds(a[0], b[0], spec.relation or "")
-        return [bool(a), bool(b), related, len(dets) == 2]
+        return [bool(a), bool(b), related, len(dets) == 2, clean]
     shape_only = _matches(dets, spec.shape, None)
     wanted = _matches(dets, spec.shape, spec.color)
     result = [bool(shape_only)]
     if spec.kind == "color":
         result.append(bool(wanted))
-    result += [len(wanted) == spec.count, len(dets) == spec.count]
+    result += [len(wanted) == spec.count, len(dets) == spec.count, clean]
     return result
 
 
 def score_image(img: np.ndarray, prompt: str) -> tuple[float, float]:
     """``(partial, strict)`` for one image and its prompt."""
-    c = checks(parse_prompt(prompt), detect(img))
+    c = checks(parse_prompt(prompt), *analyse(img))
     return float(np.mean(c)), float(all(c))
 
 

@@ -15,16 +15,17 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, PreTrainedTokenizerFast
 
-from rlflow.worlds.shapes.scene import COLORS, IMAGE_SIZE, NUMBER_WORDS, RELATIONS, SHAPES
+from rlflow.worlds.shapes.scene import COLORS, IMAGE_SIZE, NUMBER_WORDS, PHRASINGS, RELATIONS, SHAPES
 
 SPECIAL = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]  # EOS must not be id 2 (CLIP's legacy pooling rule)
-MAX_TOKENS = 12
+MAX_TOKENS = 16
 BASE_DIR = Path(__file__).parent / "base"
 
 
 def vocabulary() -> list[str]:
     words = ["a", *NUMBER_WORDS.values(), *COLORS, *SHAPES, *(s + "s" for s in SHAPES)]
     words += sorted({w for r in RELATIONS for w in r.split()})
+    words += sorted({w for p in PHRASINGS for w in p.format("").split()} - set(words))
     return SPECIAL + words
 
 

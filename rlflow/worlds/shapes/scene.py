@@ -8,7 +8,8 @@ model trained on a CPU.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 
@@ -23,6 +24,13 @@ SHAPES = ("circle", "square", "triangle")
 RELATIONS = ("left of", "right of", "above", "below")
 KINDS = ("single", "color", "count", "position")
 NUMBER_WORDS = {1: "one", 2: "two", 3: "three"}
+# Ways of saying the same thing: every content is written in each of these, so each kind has enough distinct
+# prompts for a held-out eval of dozens of prompts per kind (the content itself is unchanged).
+PHRASINGS = (
+    "{}", "a photo of {}", "an image of {}", "a picture of {}", "a drawing of {}", "a sketch of {}",
+    "a painting of {}", "a rendering of {}", "an illustration of {}", "a photograph of {}", "a snapshot of {}",
+    "a render of {}", "a depiction of {}", "a view of {}", "{} on black", "{} on a black background",
+)
 
 
 @dataclass(frozen=True)
@@ -51,9 +59,15 @@ class Spec:
     relation: str | None = None
     shape2: str | None = None
     color2: str | None = None
+    phrasing: int = 0
 
     @property
     def prompt(self) -> str:
+        return PHRASINGS[self.phrasing].format(self.content)
+
+    @property
+    def content(self) -> str:
+        """What is asked for, in the plain phrasing (``"a red circle"``)."""
         if self.kind == "single":
             return f"a {self.shape}"
         if self.kind == "color":
@@ -64,7 +78,12 @@ class Spec:
 
 
 def all_specs() -> list[Spec]:
-    """Every prompt of the world, in a fixed order."""
+    """Every prompt of the world (every content in every phrasing), in a fixed order."""
+    return [replace(c, phrasing=i) for c in all_contents() for i in range(len(PHRASINGS))]
+
+
+def all_contents() -> list[Spec]:
+    """Every content of the world in the plain phrasing, in a fixed order."""
     specs = [Spec("single", s) for s in SHAPES]
     specs += [Spec("color", s, c) for c in COLORS for s in SHAPES]
     specs += [Spec("count", s, count=n) for n in NUMBER_WORDS for s in SHAPES]
@@ -87,16 +106,27 @@ def parse_prompt(prompt: str) -> Spec:
 _PROMPT_INDEX = {s.prompt: s for s in all_specs()}
 
 
-def _mask(shape: str, cx: float, cy: float, size: int) -> np.ndarray:
-    yy, xx = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE].astype(np.float32) + 0.5
-    half = size / 2
+def shape_mask(shape: str, cx: Any, cy: Any, size: Any, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
+    """Which pixel centres ``(yy, xx)`` fall inside the shape of bounding-box side ``size`` centred at
+    ``(cx, cy)``; every argument broadcasts (the checker fits many candidates at once)."""
+    half = np.asarray(size, dtype=np.float32) / 2
     if shape == "circle":
         return (xx - cx) ** 2 + (yy - cy) ** 2 <= half**2
     if shape == "square":
         return (np.abs(xx - cx) <= half) & (np.abs(yy - cy) <= half)
     top, bottom = cy - half, cy + half
-    frac = (yy - top) / size
+    frac = (yy - top) / (2 * half)
     return (yy >= top) & (yy <= bottom) & (np.abs(xx - cx) <= half * frac)
+
+
+def pixel_grid() -> tuple[np.ndarray, np.ndarray]:
+    """``(yy, xx)``: pixel-centre coordinates of the canvas (pixel ``i`` spans ``[i, i + 1]``)."""
+    yy, xx = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE].astype(np.float32) + 0.5
+    return yy, xx
+
+
+def _mask(shape: str, cx: float, cy: float, size: float) -> np.ndarray:
+    return shape_mask(shape, cx, cy, size, *pixel_grid())
 
 
 def render(objects: list[Obj]) -> np.ndarray:
@@ -156,3 +186,37 @@ def sample_scene(spec: Spec, rng: np.random.Generator) -> list[Obj]:
         color = spec.color or colors[int(rng.integers(len(colors)))]
         objs.append(Obj(color, spec.shape, *box))
     return objs
+
+
+def mislabel(spec: Spec, rng: np.random.Generator) -> Spec:
+    """``spec`` with exactly one of the attributes its prompt asks for changed (the pretraining's caption noise).
+
+    single: the shape, or one object more; color: the shape or the colour; count: the shape or the number;
+    position: either object's shape or colour (the two colours stay distinct), or the relation reversed.
+    An image of the result fails ``spec``'s strict check, so a model trained on such captions follows each
+    prompt only part of the time: the headroom RL is meant to close.
+    """
+
+    def other(options: tuple[str, ...] | list[str], *avoid: str | None) -> str:
+        pool = [o for o in options if o not in avoid]
+        return pool[int(rng.integers(len(pool)))]
+
+    colors = list(COLORS)
+    attrs = {"single": ("shape", "count"), "color": ("shape", "color"), "count": ("shape", "count")}.get(
+        spec.kind, ("shape", "color", "shape2", "color2", "relation")
+    )
+    attr = attrs[int(rng.integers(len(attrs)))]
+    if attr == "shape":
+        return replace(spec, shape=other(SHAPES, spec.shape))
+    if attr == "shape2":
+        return replace(spec, shape2=other(SHAPES, spec.shape2))
+    if attr == "color":
+        return replace(spec, color=other(colors, spec.color, spec.color2))
+    if attr == "color2":
+        return replace(spec, color2=other(colors, spec.color, spec.color2))
+    if attr == "count":
+        return replace(spec, count=int(other([str(n) for n in NUMBER_WORDS], str(spec.count))))
+    return replace(spec, relation=_OPPOSITE[spec.relation or ""])
+
+
+_OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
