@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from rlflow.stats import wilson_interval
-from rlflow.worlds.shapes.checker import analyse, checks, score_batch
+from rlflow.worlds.shapes.checker import FG_THRESHOLD, Detection, score_analysed, score_batch
 from rlflow.worlds.shapes.model import BASE_DIR
 from rlflow.worlds.shapes.prompts import eval_set, split, train_prompts
 from rlflow.worlds.shapes.scene import KINDS, SHAPES, parse_prompt
@@ -27,16 +27,12 @@ def strict_report(images: np.ndarray, prompts: list[str]) -> tuple[dict[str, flo
     ``drift_objects`` (detections per image), ``drift_object_area`` (mean core area of a detection, px),
     ``drift_saturation`` (mean saturation of foreground pixels), ``drift_stray_pixels`` (per image).
     """
-    if len(images) != len(prompts):
-        raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
+    partial, strict32, found = score_analysed(images, prompts)
+    strict = strict32.astype(np.float64)
     specs = [parse_prompt(p) for p in prompts]
-    found = [analyse(img) for img in images]
-    results = [checks(s, dets, stray) for s, (dets, stray) in zip(specs, found, strict=True)]
-    partial = np.asarray([np.mean(c) for c in results])
-    strict = np.asarray([float(all(c)) for c in results])
     kinds = np.asarray([s.kind for s in specs])
     shapes = np.asarray([s.shape for s in specs])
-    report = {"partial": float(partial.mean())}
+    report = {"partial": float(partial.astype(np.float64).mean())}
     groups = [("accuracy", np.ones(len(prompts), dtype=bool))]
     groups += [(f"accuracy_{k}", kinds == k) for k in KINDS] + [(f"accuracy_{s}", shapes == s) for s in SHAPES]
     for key, mask in groups:
@@ -47,11 +43,11 @@ def strict_report(images: np.ndarray, prompts: list[str]) -> tuple[dict[str, flo
     return report, strict
 
 
-def drift_sentinels(images: np.ndarray, found: list[tuple[list, int]]) -> dict[str, float]:
+def drift_sentinels(images: np.ndarray, found: list[tuple[list[Detection], int]]) -> dict[str, float]:
     dets = [d for ds, _ in found for d in ds]
     pix = np.asarray(images, dtype=np.float32).transpose(0, 2, 3, 1).reshape(-1, 3)
     bright = pix.max(-1)
-    fg = bright > 0.25
+    fg = bright > FG_THRESHOLD
     sat = (bright[fg] - pix[fg].min(-1)) / bright[fg] if fg.any() else np.zeros(1)
     return {
         "drift_objects": float(np.mean([len(ds) for ds, _ in found])),

@@ -172,10 +172,21 @@ def score_image(img: np.ndarray, prompt: str) -> tuple[float, float]:
     return float(np.mean(c)), float(all(c))
 
 
-def score_batch(images: np.ndarray, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """``images``: ``[B, 3, 32, 32]`` in ``[0, 1]`` -> ``(partial [B], strict [B])`` float32."""
+def score_analysed(
+    images: np.ndarray, prompts: list[str]
+) -> tuple[np.ndarray, np.ndarray, list[tuple[list[Detection], int]]]:
+    """``(partial [B], strict [B], analyses)`` of ``[B, 3, 32, 32]`` images in ``[0, 1]``: float32 scores, and
+    each image's :func:`analyse` result (for statistics over the detections)."""
     if len(images) != len(prompts):
         raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
-    pairs = [score_image(img, p) for img, p in zip(images, prompts, strict=True)]
-    arr = np.asarray(pairs, dtype=np.float32).reshape(-1, 2)
-    return np.ascontiguousarray(arr[:, 0]), np.ascontiguousarray(arr[:, 1])
+    found = [analyse(img) for img in images]
+    results = [checks(parse_prompt(p), dets, stray) for p, (dets, stray) in zip(prompts, found, strict=True)]
+    partial = np.asarray([np.mean(c) for c in results], dtype=np.float32).reshape(-1)
+    strict = np.asarray([all(c) for c in results], dtype=np.float32).reshape(-1)
+    return partial, strict, found
+
+
+def score_batch(images: np.ndarray, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """``images``: ``[B, 3, 32, 32]`` in ``[0, 1]`` -> ``(partial [B], strict [B])`` float32."""
+    partial, strict, _ = score_analysed(images, prompts)
+    return partial, strict

@@ -7,6 +7,7 @@ model trained on a CPU.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from dataclasses import dataclass, replace
 from typing import Any
@@ -188,6 +189,12 @@ def sample_scene(spec: Spec, rng: np.random.Generator) -> list[Obj]:
     return objs
 
 
+def choose_other(rng: np.random.Generator, options: tuple[str, ...] | list[str], *avoid: str | None) -> str:
+    """A uniformly drawn option that is none of ``avoid``."""
+    pool = [o for o in options if o not in avoid]
+    return pool[int(rng.integers(len(pool)))]
+
+
 def mislabel(spec: Spec, rng: np.random.Generator) -> Spec:
     """``spec`` with exactly one of the attributes its prompt asks for changed (the pretraining's caption noise).
 
@@ -196,11 +203,7 @@ def mislabel(spec: Spec, rng: np.random.Generator) -> Spec:
     An image of the result fails ``spec``'s strict check, so a model trained on such captions follows each
     prompt only part of the time: the headroom RL is meant to close.
     """
-
-    def other(options: tuple[str, ...] | list[str], *avoid: str | None) -> str:
-        pool = [o for o in options if o not in avoid]
-        return pool[int(rng.integers(len(pool)))]
-
+    other = functools.partial(choose_other, rng)
     colors = list(COLORS)
     attrs = {"single": ("shape", "count"), "color": ("shape", "color"), "count": ("shape", "count")}.get(
         spec.kind, ("shape", "color", "shape2", "color2", "relation")

@@ -27,16 +27,12 @@ from rlflow.worlds.shapes.scene import (
     Obj,
     Spec,
     all_contents,
+    choose_other,
     render,
     sample_scene,
 )
 
 DEFECTS = ("wrong_shape", "wrong_color", "oversized", "merged", "extra_small", "noise_blob")
-
-
-def _other(options: tuple[str, ...] | list[str], current: str | None, rng: np.random.Generator) -> str:
-    pool = [o for o in options if o != current]
-    return pool[int(rng.integers(len(pool)))]
 
 
 def blur(img: np.ndarray, sigma: float = 0.5) -> np.ndarray:
@@ -60,11 +56,11 @@ def _free_spot(objs: list[Obj], size: int, rng: np.random.Generator) -> tuple[fl
 def defect_image(defect: str, spec: Spec, rng: np.random.Generator) -> np.ndarray | None:
     """A wrong image for ``spec`` (None when the defect does not apply, e.g. a colour for "a circle")."""
     if defect == "wrong_shape":
-        return render(sample_scene(replace(spec, shape=_other(SHAPES, spec.shape, rng)), rng))
+        return render(sample_scene(replace(spec, shape=choose_other(rng, SHAPES, spec.shape)), rng))
     if defect == "wrong_color":
         if spec.color is None:
             return None
-        return render(sample_scene(replace(spec, color=_other([c for c in COLORS if c != spec.color2], spec.color, rng)), rng))
+        return render(sample_scene(replace(spec, color=choose_other(rng, list(COLORS), spec.color, spec.color2)), rng))
     objs = sample_scene(spec, rng)
     i = int(rng.integers(len(objs)))
     o = objs[i]
@@ -86,7 +82,7 @@ def defect_image(defect: str, spec: Spec, rng: np.random.Generator) -> np.ndarra
         spot = _free_spot(objs, size, rng)
         if spot is None:
             return None
-        extra = Obj(_other(list(COLORS), None, rng), _other(SHAPES, None, rng), spot[0], spot[1], size)
+        extra = Obj(choose_other(rng, list(COLORS)), choose_other(rng, SHAPES), spot[0], spot[1], size)
         return render(objs + [extra])
     if defect == "noise_blob":
         img = render(objs[:i] + objs[i + 1 :])
