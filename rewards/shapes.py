@@ -7,7 +7,7 @@ import torch
 
 from rewards import register
 from rlflow.types import RewardOutput
-from rlflow.worlds.shapes.checker import _PALETTE_NAMES, _color_labels, score_batch
+from rlflow.worlds.shapes.checker import _PALETTE_NAMES, _color_labels, score_analysed
 from rlflow.worlds.shapes.scene import parse_prompt
 
 _COLOR_INDEX = {name: i for i, name in enumerate(_PALETTE_NAMES)}
@@ -15,12 +15,27 @@ _COLOR_INDEX = {name: i for i, name in enumerate(_PALETTE_NAMES)}
 
 @register("shapes_geneval")
 class ShapesGenEval:
-    """score = fraction of the prompt's checks that pass; components: ``partial`` and ``strict``."""
+    """GenEval-style reward: ``score = (1 - strict_weight) * partial + strict_weight * strict``.
+
+    ``partial`` is the fraction of the prompt's checks that pass, ``strict`` is 1 when all do. Components:
+    ``partial``, ``strict``, ``valid_objects`` (the fraction of an image's detected objects that are valid
+    shapes of the world's size; 1 for an empty image) and ``objects`` (how many were detected), so a rise of
+    the reward can be told apart from a drift in how the objects are drawn.
+    """
+
+    def __init__(self, strict_weight: float = 0.0) -> None:
+        if not 0.0 <= strict_weight <= 1.0:
+            raise ValueError(f"reward.kwargs.strict_weight must lie in [0, 1], got {strict_weight}")
+        self.strict_weight = float(strict_weight)
 
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> RewardOutput:
-        partial, strict = score_batch(images.detach().float().cpu().numpy(), prompts)
+        partial, strict, found = score_analysed(images.detach().float().cpu().numpy(), prompts)
         p, s = torch.from_numpy(partial), torch.from_numpy(strict)
-        return RewardOutput(score=p, components={"partial": p, "strict": s})
+        valid = torch.tensor([np.mean([d.valid for d in dets]) if dets else 1.0 for dets, _ in found])
+        objects = torch.tensor([float(len(dets)) for dets, _ in found])
+        score = (1 - self.strict_weight) * p + self.strict_weight * s
+        return RewardOutput(score=score, components={"partial": p, "strict": s, "valid_objects": valid.float(),
+                                                     "objects": objects})
 
 
 @register("shapes_color_coverage")

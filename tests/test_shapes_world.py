@@ -34,8 +34,9 @@ def test_detection_of_constructed_scene():
         ([Obj("red", "circle", 10, 10, 10)], "a blue circle", 3 / 5, 0.0),
         ([Obj("red", "circle", 10, 10, 10)], "a square", 2 / 4, 0.0),  # one object and clean hold
         ([Obj("red", "square", 10, 10, 10)], "a photo of a square", 1.0, 1.0),
-        ([Obj("red", "circle", 12, 12, 18)], "a circle", 2 / 4, 0.0),  # oversized: not a circle of the world
-        ([Obj("red", "square", 12, 12, 13)], "a circle", 2 / 4, 0.0),  # a large square is not a circle
+        # oversized: not a circle of the world, and not "one object" either (only clean holds)
+        ([Obj("red", "circle", 12, 12, 18)], "a circle", 1 / 4, 0.0),
+        ([Obj("red", "square", 12, 12, 13)], "a circle", 2 / 4, 0.0),  # a large square is not a circle (one valid object)
         ([Obj("red", "circle", 12, 12, 10), Obj("red", "circle", 18, 12, 10)], "two circles", 1 / 4, 0.0),  # merged: one blob
         ([Obj("red", "circle", 8, 8, 10), Obj("green", "circle", 24, 24, 10)], "two circles", 1.0, 1.0),
         ([Obj("red", "circle", 8, 8, 10)], "two circles", 2 / 4, 0.0),
@@ -123,10 +124,23 @@ def test_accuracy_report_and_reward_plugin():
     out = build_reward("shapes_geneval")(Media(images=torch.from_numpy(images)), Conditions.of(prompts))
     assert out.score.tolist() == pytest.approx([1.0, 1.0, 0.25])  # a blank image: only "clean" holds
     assert out.components["strict"].tolist() == [1.0, 1.0, 0.0]
+    assert out.components["objects"].tolist() == [1.0, 2.0, 0.0] and out.components["valid_objects"].tolist() == [1.0] * 3
+    halves = build_reward("shapes_geneval", {"strict_weight": 0.5})(Media(images=torch.from_numpy(images)), Conditions.of(prompts))
+    assert halves.score.tolist() == pytest.approx([1.0, 1.0, 0.125])
+    blob = render([Obj("red", "circle", 12, 12, 18)])[None]  # oversized: detected, not valid
+    assert build_reward("shapes_geneval")(Media(images=torch.from_numpy(blob)), Conditions.of(["a circle"])).components["valid_objects"].tolist() == [0.0]
+    with pytest.raises(ValueError, match="strict_weight"):
+        build_reward("shapes_geneval", {"strict_weight": 2.0})
     assert checks(specs[0], []) == [False, False, False, False, True]
     assert rep["accuracy_circle"] == 0.5 and rep["accuracy_square"] == 1.0
     assert rep["drift_objects"] == pytest.approx(1.0) and rep["drift_stray_pixels"] == 0.0  # 1 + 2 + 0 objects
     assert rep["drift_saturation"] > 0.7
+    # colour diversity where the prompt leaves colour free: the "two squares" scene (the red circle names one)
+    square_colors = [d.color for d in detect(images[1])]
+    assert rep["drift_top_color_share"] == max(square_colors.count(c) for c in square_colors) / 2
+    yellow = np.stack([render([Obj("yellow", "circle", 8, 8, 10)]), render([Obj("yellow", "square", 8, 8, 10)]),
+                       render([Obj("red", "circle", 8, 8, 10)])])
+    assert accuracy_report(yellow, ["a circle", "a square", "a red circle"])["drift_top_color_share"] == 1.0
 
 
 @pytest.mark.parametrize("size, message", [

@@ -127,7 +127,7 @@ def test_resume_repeats_the_uninterrupted_run(tmp_path):
     # drift sentinels against the base's (eval_base.json), and the train-vs-held-out gap of the last eval
     base_metrics = json.loads((tmp_path / "b" / "run" / "eval_base.json").read_text())
     assert base_metrics["accuracy"] == before["accuracy"]
-    for key in ("drift_objects", "drift_object_area", "drift_saturation", "drift_stray_pixels"):
+    for key in ("drift_objects", "drift_object_area", "drift_saturation", "drift_stray_pixels", "drift_top_color_share"):
         assert after[f"{key}_vs_base"] == pytest.approx(after[key] - before[key]), key
     rewards = _history(full.tracker.run_id, uri_a, "reward/mean")
     assert after["train_reward_recent"] == pytest.approx((rewards[3] + rewards[4]) / 2)  # steps since the last eval

@@ -131,7 +131,9 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads or torch.get_num_threads())
     out = args.out or str(BASE_DIR)
     given = {"steps": args.steps, "stop_at": args.stop_at, "seed": args.seed, "eval_every": args.eval_every,
-             "mislabel_rate": args.mislabel_rate}
+             "mislabel_rate": args.mislabel_rate, "init_from": args.init_from, "lr": args.lr,
+             "distill_guidance": args.distill_guidance, "warmup": args.warmup,
+             "kind_weights": tuple(float(w) for w in args.kind_weights.split(",")) if args.kind_weights else None}
     settings = PretrainSettings(snapshots=args.snapshots, **{k: v for k, v in given.items() if v is not None})
     result = pretrain(out, settings, log=lambda m: print(m, flush=True))
     print(json.dumps(result, indent=2))
@@ -164,6 +166,13 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--stop-at", type=int, help="stop after this many steps (default: the whole schedule)")
     pt.add_argument("--mislabel-rate", type=float,
                     help="fraction of training captions with one attribute wrong, the base's headroom (default 0.3)")
+    pt.add_argument("--init-from", metavar="MODEL_DIR", help="continue from a saved model instead of random weights")
+    pt.add_argument("--distill-guidance", type=float, metavar="G",
+                    help="guidance distillation (with --init-from): learn the init model's CFG-g velocity")
+    pt.add_argument("--kind-weights", metavar="S,C,N,P",
+                    help="relative frequency of the single, colour, count and position prompts (default 1,1,1,1)")
+    pt.add_argument("--lr", type=float, help="peak learning rate (default 1e-3)")
+    pt.add_argument("--warmup", type=int, help="warm-up steps (default 100)")
     pt.add_argument("--snapshots", action="store_true", help="also save the model at every eval")
     pt.add_argument("--seed", type=int)
     pt.add_argument("--eval-every", type=int)

@@ -25,7 +25,9 @@ def strict_report(images: np.ndarray, prompts: list[str]) -> tuple[dict[str, flo
     Per shape: the prompts whose (first) object is that shape. Drift sentinels, to compare with the base
     model's (a policy drifting towards what the checker tolerates shows here before accuracy moves):
     ``drift_objects`` (detections per image), ``drift_object_area`` (mean core area of a detection, px),
-    ``drift_saturation`` (mean saturation of foreground pixels), ``drift_stray_pixels`` (per image).
+    ``drift_saturation`` (mean saturation of foreground pixels), ``drift_stray_pixels`` (per image) and
+    ``drift_top_color_share`` (the share of the commonest colour among the objects of prompts that name no
+    colour, where the world draws every colour equally often: a rise is a collapse of colour diversity).
     """
     partial, strict32, found = score_analysed(images, prompts)
     strict = strict32.astype(np.float64)
@@ -39,12 +41,19 @@ def strict_report(images: np.ndarray, prompts: list[str]) -> tuple[dict[str, flo
         if mask.any():
             report[key] = float(strict[mask].mean())
             report[f"{key}_lo"], report[f"{key}_hi"] = wilson_interval(float(strict[mask].sum()), int(mask.sum()))
-    report.update(drift_sentinels(images, found))
+    report.update(drift_sentinels(images, found, free_color=np.asarray([s.color is None for s in specs])))
     return report, strict
 
 
-def drift_sentinels(images: np.ndarray, found: list[tuple[list[Detection], int]]) -> dict[str, float]:
+def drift_sentinels(
+    images: np.ndarray, found: list[tuple[list[Detection], int]], free_color: np.ndarray | None = None
+) -> dict[str, float]:
+    """The drift sentinels of :func:`strict_report`; ``free_color`` marks the images whose prompt names no
+    colour (default: all)."""
     dets = [d for ds, _ in found for d in ds]
+    free = np.ones(len(found), dtype=bool) if free_color is None else free_color
+    colors = [d.color for (ds, _), f in zip(found, free, strict=True) if f for d in ds if d.color != "other"]
+    top_share = max(colors.count(c) for c in set(colors)) / len(colors) if colors else 0.0
     pix = np.asarray(images, dtype=np.float32).transpose(0, 2, 3, 1).reshape(-1, 3)
     bright = pix.max(-1)
     fg = bright > FG_THRESHOLD
@@ -54,4 +63,5 @@ def drift_sentinels(images: np.ndarray, found: list[tuple[list[Detection], int]]
         "drift_object_area": float(np.mean([d.area for d in dets])) if dets else 0.0,
         "drift_saturation": float(sat.mean()),
         "drift_stray_pixels": float(np.mean([s for _, s in found])),
+        "drift_top_color_share": float(top_share),
     }

@@ -9,8 +9,8 @@ Shape: the core is fitted by each ideal shape (the renderer's own masks, over a 
 offsets); the shape is the best fit when its IoU is at least ``SHAPE_IOU`` and beats every other shape by
 ``SHAPE_MARGIN``, else ``"blob"`` (noise, merged objects, a square-ish circle). An object counts only when
 its shape is known and its fitted size lies in ``SIZE_RANGE`` (the world draws 10-12 px objects), so an
-oversized blob, a merged pair and a tiny extra object all fail, while still counting towards the number of
-objects in the image.
+oversized blob, a merged pair and a tiny extra object all fail; they still count towards the number of objects
+in the image, and the "right number of objects" check needs every object to be valid.
 
 Scoring: a prompt becomes a list of boolean checks, one of which is that the image is clean (at most
 ``STRAY_MAX`` stray foreground pixels); the training reward is the fraction that pass (partial credit) and
@@ -156,14 +156,20 @@ def checks(spec: Spec, dets: list[Detection], stray: int = 0) -> list[bool]:
     if spec.kind == "position":
         a, b = _matches(dets, spec.shape, spec.color), _matches(dets, spec.shape2 or "", spec.color2)
         related = bool(a and b) and _relation_holds(a[0], b[0], spec.relation or "")
-        return [bool(a), bool(b), related, len(dets) == 2, clean]
+        return [bool(a), bool(b), related, _n_valid_objects(dets, 2), clean]
     shape_only = _matches(dets, spec.shape, None)
     wanted = _matches(dets, spec.shape, spec.color)
     result = [bool(shape_only)]
     if spec.kind == "color":
         result.append(bool(wanted))
-    result += [len(wanted) == spec.count, len(dets) == spec.count, clean]
+    result += [len(wanted) == spec.count, _n_valid_objects(dets, spec.count), clean]
     return result
+
+
+def _n_valid_objects(dets: list[Detection], n: int) -> bool:
+    """Exactly ``n`` objects, each a valid shape: a blob, a merged pair or an oversized object never makes up
+    the number (so partial credit cannot be earned by drawing the right number of shapeless blobs)."""
+    return len(dets) == n and all(d.valid for d in dets)
 
 
 def score_image(img: np.ndarray, prompt: str) -> tuple[float, float]:

@@ -1,11 +1,17 @@
 """``rlflow pretrain shapes``: train the tiny shapes-world base model by flow matching on generated scenes.
 
-The shipped base (``rlflow/worlds/shapes/base``) was made with ``rlflow pretrain shapes`` (the defaults
-below); its ``pretrain.json`` records the settings, the held-out figures and the wall time. Its headroom
-comes from caption noise: a ``mislabel_rate`` fraction of the training scenes show their prompt with one
-asked-for attribute changed, so the base follows each prompt only part of the time (as web-trained models
-do) and RL has something to sharpen. Prompts are dropped (replaced by ``""``) 10% of the time so
-classifier-free guidance is usable. The saved weights are an exponential moving average (``ema_decay``).
+The shipped base (``rlflow/worlds/shapes/base``) is made in two stages; its ``pretrain.json`` records the
+commands, the settings of the last stage, the held-out figures and the wall time:
+
+1. ``rlflow pretrain shapes --out STAGE1`` (the defaults below): flow matching from scratch. Its headroom comes
+   from caption noise: a ``mislabel_rate`` fraction of the training scenes show their prompt with one asked-for
+   attribute changed, so the base follows each prompt only part of the time (as web-trained models do) and RL
+   has something to sharpen. Prompts are dropped (replaced by ``""``) 10% of the time so classifier-free
+   guidance is usable. The saved weights are an exponential moving average (``ema_decay``).
+2. ``rlflow pretrain shapes --init-from STAGE1 --distill-guidance 3 ...``: guidance distillation. The model
+   learns its own CFG-3 velocity, so one forward pass per step samples like guidance 3 (as FLUX.1-dev does):
+   without it the tiny model hedges between a circle and a square (a rounded blob the checker rejects), and
+   rollouts with real CFG would cost two forward passes.
 """
 
 from __future__ import annotations
@@ -58,15 +64,22 @@ class PretrainSettings:
     layers: int = 4
     ema_decay: float = 0.999
     high_t_weight: float = 0.2  # fraction of each batch with t ~ U(0.6, 1): the layout-deciding noisy times
+    # guidance distillation (needs init_from): the student learns the teacher's (the init model's) CFG velocity
+    # v_u + g (v_c - v_u), so one forward pass samples like guidance g (as FLUX.1-dev is guidance-distilled)
+    distill_guidance: float | None = None
+    kind_weights: tuple[float, ...] | None = None  # how often each prompt kind is drawn (default: equally)
 
 
-def make_batch(rng: np.random.Generator, n: int, dropout: float, mislabel_rate: float = 0.0) -> tuple[torch.Tensor, list[str]]:
+def make_batch(
+    rng: np.random.Generator, n: int, dropout: float, mislabel_rate: float = 0.0,
+    kind_weights: tuple[float, ...] | None = None,
+) -> tuple[torch.Tensor, list[str]]:
     """``n`` rendered scenes in ``[-1, 1]`` (``[n, 3, 32, 32]``) and their prompts (some dropped to "").
 
     A ``mislabel_rate`` fraction of the scenes show their prompt with one asked-for attribute changed
     (:func:`rlflow.worlds.shapes.scene.mislabel`): noisy captions, as in web-scale image-text data.
     """
-    specs = sample_specs(rng, n)
+    specs = sample_specs(rng, n, kind_weights=kind_weights)
     drawn = [mislabel(s, rng) if rng.random() < mislabel_rate else s for s in specs]
     images = np.stack([render(sample_scene(s, rng)) for s in drawn])
     prompts = ["" if rng.random() < dropout else s.prompt for s in specs]
@@ -96,10 +109,32 @@ def _init_model(s: PretrainSettings) -> tuple[Any, Any, Any]:
     )
 
 
+def _guided_target(teacher: tuple[Any, Any], tokenizer: Any, xt: torch.Tensor, t: torch.Tensor, prompts: list[str],
+                   guidance: float) -> torch.Tensor:
+    """The teacher's classifier-free-guided velocity ``v_u + g (v_c - v_u)`` (just ``v_u`` for dropped prompts)."""
+    transformer, text_encoder = teacher
+    with torch.no_grad():
+        tok = tokenizer(prompts + [""] * len(prompts), padding="max_length", truncation=True, return_tensors="pt")
+        enc = text_encoder(tok.input_ids)
+        v = transformer(
+            hidden_states=torch.cat([xt, xt]), encoder_hidden_states=enc.last_hidden_state,
+            pooled_projections=enc.text_embeds, timestep=torch.cat([t, t]) * 1000, return_dict=False,
+        )[0]
+        v_c, v_u = v.chunk(2)
+        g = torch.tensor([guidance if p else 1.0 for p in prompts])[:, None, None, None]
+        return v_u + g * (v_c - v_u)
+
+
 def pretrain(out_dir: str | Path, s: PretrainSettings, log: Callable[[str], None] = print) -> dict[str, float]:
+    if s.distill_guidance is not None and s.init_from is None:
+        raise ValueError("pretrain: distill_guidance needs init_from (the teacher model folder)")
     torch.manual_seed(s.seed)
     rng = np.random.default_rng(s.seed)
     tokenizer, text_encoder, transformer = _init_model(s)
+    teacher = None
+    if s.distill_guidance is not None:
+        teacher = (copy.deepcopy(transformer).requires_grad_(False).eval(),
+                   copy.deepcopy(text_encoder).requires_grad_(False).eval())
     params = list(transformer.parameters()) + list(text_encoder.parameters())
     # an exponential moving average of the weights is what is evaluated and saved (sharper samples)
     ema_tr, ema_te = copy.deepcopy(transformer).requires_grad_(False), copy.deepcopy(text_encoder).requires_grad_(False)
@@ -114,7 +149,7 @@ def pretrain(out_dir: str | Path, s: PretrainSettings, log: Callable[[str], None
     for step in range(1, last + 1):
         transformer.train()
         text_encoder.train()
-        x0, prompts = make_batch(rng, s.batch_size, s.prompt_dropout, s.mislabel_rate)
+        x0, prompts = make_batch(rng, s.batch_size, s.prompt_dropout, s.mislabel_rate, s.kind_weights)
         tok = tokenizer(prompts, padding="max_length", truncation=True, return_tensors="pt")
         enc = text_encoder(tok.input_ids)
         t = torch.rand(s.batch_size)
@@ -126,7 +161,9 @@ def pretrain(out_dir: str | Path, s: PretrainSettings, log: Callable[[str], None
             hidden_states=xt, encoder_hidden_states=enc.last_hidden_state, pooled_projections=enc.text_embeds,
             timestep=t * 1000, return_dict=False,
         )[0]
-        loss = torch.nn.functional.mse_loss(v, eps - x0)
+        target = eps - x0 if teacher is None else _guided_target(
+            teacher, tokenizer, xt, t, prompts, s.distill_guidance or 1.0)
+        loss = torch.nn.functional.mse_loss(v, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

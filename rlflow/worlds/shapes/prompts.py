@@ -72,9 +72,20 @@ def eval_set(per_kind: int = 128) -> tuple[list[str], list[int]]:
     return prompts, seeds
 
 
-def sample_specs(rng: np.random.Generator, n: int, specs: tuple[Spec, ...] | None = None) -> list[Spec]:
-    """``n`` specs with the kind drawn uniformly first, then a prompt of that kind."""
+def sample_specs(
+    rng: np.random.Generator, n: int, specs: tuple[Spec, ...] | None = None, kind_weights: tuple[float, ...] | None = None
+) -> list[Spec]:
+    """``n`` specs with the kind drawn first (uniformly, or in proportion to ``kind_weights``, one per
+    :data:`KINDS`), then a prompt of that kind."""
     pool = specs if specs is not None else tuple(all_specs())
     by_kind = {k: [s for s in pool if s.kind == k] for k in KINDS}
     kinds = [k for k in KINDS if by_kind[k]]
-    return [by_kind[k][int(rng.integers(len(by_kind[k])))] for k in (kinds[int(i)] for i in rng.integers(len(kinds), size=n))]
+    if kind_weights is None:
+        picks = rng.integers(len(kinds), size=n)
+    else:
+        if len(kind_weights) != len(KINDS) or min(kind_weights) < 0 or sum(kind_weights) <= 0:
+            raise ValueError(f"kind_weights must be {len(KINDS)} non-negative numbers (for {', '.join(KINDS)}), "
+                             f"got {kind_weights}")
+        w = np.asarray([kind_weights[KINDS.index(k)] for k in kinds], dtype=np.float64)
+        picks = rng.choice(len(kinds), size=n, p=w / w.sum())
+    return [by_kind[k][int(rng.integers(len(by_kind[k])))] for k in (kinds[int(i)] for i in picks)]
