@@ -278,6 +278,29 @@ def _strips_uint8(arr: np.ndarray, captions: Sequence[str], max_frames: int) -> 
 # --------------------------------------------------------------------------- tracker
 
 
+def _open_client(uri: str) -> MlflowClient:
+    """An ``MlflowClient`` whose store is open; a sqlite store is opened under an exclusive file lock.
+
+    MLflow creates and migrates a sqlite store's tables on first use. Runs started at the same moment on a
+    fresh ``runs/`` would all migrate it, and all but one die (``duplicate column name``, alembic errors).
+    The lock makes the others wait until the first has finished.
+    """
+    db = _sqlite_path(uri)
+    if db is None:
+        return MlflowClient(tracking_uri=uri)
+    import fcntl
+
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            client = MlflowClient(tracking_uri=uri)
+            client.search_experiments(max_results=1)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return client
+
+
 class Tracker:
     """One MLflow run, logged through an explicit ``MlflowClient``.
 
@@ -298,7 +321,7 @@ class Tracker:
         artifact_location: str | None = None,
     ) -> None:
         self._uri = tracking_uri
-        self._client = MlflowClient(tracking_uri=tracking_uri)
+        self._client = _open_client(tracking_uri)
         self._finished = False
         self._tmp: str | None = None
         if run_id is not None:

@@ -372,3 +372,20 @@ def test_rlflow_ui_serves_the_local_store(tmp_path: Path):
             assert r.read()[:8] == b"\x89PNG\r\n\x1a\n"
     finally:
         stop_server(proc)
+
+
+def test_runs_started_together_on_a_fresh_sqlite_store_all_succeed(tmp_path: Path):
+    """Several runs started at the same moment on a new ``runs/`` folder: MLflow migrates a fresh sqlite store
+    on first use, and without the tracker's file lock two migrations race (``duplicate column name``)."""
+    import subprocess
+    import sys
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    code = ("import sys; from rlflow.tracking import Tracker; "
+            f"t = Tracker({uri!r}, 'exp', run_name=sys.argv[1]); t.log_metrics({{'m': 1.0}}, step=0); t.finish()")
+    procs = [subprocess.Popen([sys.executable, "-c", code, f"r{i}"], stderr=subprocess.PIPE, text=True) for i in range(4)]
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, errors
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("exp")
+    assert sorted(r.info.run_name for r in client.search_runs([exp.experiment_id])) == ["r0", "r1", "r2", "r3"]
