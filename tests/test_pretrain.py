@@ -9,7 +9,7 @@ import torch
 
 from rlflow.models.sd3 import SD3Policy
 from rlflow.worlds.shapes.model import BASE_DIR
-from rlflow.worlds.shapes.pretrain import PretrainSettings, _guided_target, pretrain
+from rlflow.worlds.shapes.pretrain import PretrainSettings, _guided_target, _velocity, pretrain
 from rlflow.worlds.shapes.prompts import sample_specs
 
 TINY = {"steps": 3, "batch_size": 8, "eval_every": 100, "eval_per_kind": 1, "warmup": 1}
@@ -37,14 +37,9 @@ def test_guided_target_is_the_teachers_cfg_velocity_and_dropped_prompts_stay_unc
     xt, t = torch.randn(3, 3, 32, 32, generator=gen), torch.tensor([0.9, 0.5, 0.2])
     prompts = ["a red circle", "", "two squares"]
 
-    def velocity(texts):
-        tok = policy.tokenizer(texts, padding="max_length", truncation=True, return_tensors="pt")
-        enc = policy.text_encoder(tok.input_ids)
-        return policy.transformer(hidden_states=xt, encoder_hidden_states=enc.last_hidden_state,
-                                  pooled_projections=enc.text_embeds, timestep=t * 1000, return_dict=False)[0]
-
-    with torch.no_grad():
-        v_c, v_u = velocity(prompts), velocity([""] * 3)
+    with torch.no_grad():  # the model's own velocities, conditional and unconditional
+        v_c = _velocity(*teacher, policy.tokenizer, xt, t, prompts)
+        v_u = _velocity(*teacher, policy.tokenizer, xt, t, [""] * 3)
     got = _guided_target(teacher, policy.tokenizer, xt, t, prompts, guidance=3.0)
     want = v_u + 3.0 * (v_c - v_u)
     assert torch.allclose(got[[0, 2]], want[[0, 2]], atol=1e-5)

@@ -109,17 +109,22 @@ def _init_model(s: PretrainSettings) -> tuple[Any, Any, Any]:
     )
 
 
+def _velocity(transformer: Any, text_encoder: Any, tokenizer: Any, xt: torch.Tensor, t: torch.Tensor,
+              prompts: list[str]) -> torch.Tensor:
+    """The model's velocity at ``(x_t, t)`` for ``prompts`` (``t`` in ``[0, 1]``, one per sample)."""
+    tok = tokenizer(prompts, padding="max_length", truncation=True, return_tensors="pt")
+    enc = text_encoder(tok.input_ids)
+    return transformer(
+        hidden_states=xt, encoder_hidden_states=enc.last_hidden_state, pooled_projections=enc.text_embeds,
+        timestep=t * 1000, return_dict=False,
+    )[0]
+
+
 def _guided_target(teacher: tuple[Any, Any], tokenizer: Any, xt: torch.Tensor, t: torch.Tensor, prompts: list[str],
                    guidance: float) -> torch.Tensor:
     """The teacher's classifier-free-guided velocity ``v_u + g (v_c - v_u)`` (just ``v_u`` for dropped prompts)."""
-    transformer, text_encoder = teacher
     with torch.no_grad():
-        tok = tokenizer(prompts + [""] * len(prompts), padding="max_length", truncation=True, return_tensors="pt")
-        enc = text_encoder(tok.input_ids)
-        v = transformer(
-            hidden_states=torch.cat([xt, xt]), encoder_hidden_states=enc.last_hidden_state,
-            pooled_projections=enc.text_embeds, timestep=torch.cat([t, t]) * 1000, return_dict=False,
-        )[0]
+        v = _velocity(*teacher, tokenizer, torch.cat([xt, xt]), torch.cat([t, t]), prompts + [""] * len(prompts))
         v_c, v_u = v.chunk(2)
         g = torch.tensor([guidance if p else 1.0 for p in prompts])[:, None, None, None]
         return v_u + g * (v_c - v_u)
@@ -150,19 +155,17 @@ def pretrain(out_dir: str | Path, s: PretrainSettings, log: Callable[[str], None
         transformer.train()
         text_encoder.train()
         x0, prompts = make_batch(rng, s.batch_size, s.prompt_dropout, s.mislabel_rate, s.kind_weights)
-        tok = tokenizer(prompts, padding="max_length", truncation=True, return_tensors="pt")
-        enc = text_encoder(tok.input_ids)
         t = torch.rand(s.batch_size)
         n_high = int(s.high_t_weight * s.batch_size)
         t[:n_high] = 0.6 + 0.4 * t[:n_high]
         eps = torch.randn_like(x0)
         xt = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * eps
-        v = transformer(
-            hidden_states=xt, encoder_hidden_states=enc.last_hidden_state, pooled_projections=enc.text_embeds,
-            timestep=t * 1000, return_dict=False,
-        )[0]
-        target = eps - x0 if teacher is None else _guided_target(
-            teacher, tokenizer, xt, t, prompts, s.distill_guidance or 1.0)
+        v = _velocity(transformer, text_encoder, tokenizer, xt, t, prompts)
+        if teacher is None:
+            target = eps - x0
+        else:
+            assert s.distill_guidance is not None  # a teacher exists only for guidance distillation
+            target = _guided_target(teacher, tokenizer, xt, t, prompts, s.distill_guidance)
         loss = torch.nn.functional.mse_loss(v, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
