@@ -1,41 +1,85 @@
 """The validated run configuration. Unknown keys and bad values fail before any work, naming the key.
 
 A config is YAML; ``--set a.b=value`` overrides are applied before validation (values parsed as YAML).
+What validation cannot see (the files a config names, the machine's devices) :func:`check_inputs` checks
+before any work; what a resumed run may change, :func:`check_resume`.
 """
 
 from __future__ import annotations
 
 import copy
 import os
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 
+import torch
 import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, Field, ValidationError, field_validator, model_validator
 
 from rlflow.algos import ALGORITHMS
 from rlflow.algos.base import AlgoSection
 from rlflow.models import MODEL_FAMILIES
+from rlflow.redact import is_secret_key
 from rlflow.schema import ConfigError
 from rlflow.schema import Section as _Section
+from rlflow.tasks import read_prompts
 
-__all__ = ["Config", "ConfigError", "load_config", "validate", "apply_overrides", "to_dict"]
+__all__ = [
+    "Config", "ConfigError", "load_config", "validate", "apply_overrides", "to_dict", "check_inputs", "check_resume",
+    "check_run_name",
+]
+
+RUN_NAME_RULE = "1 to 128 of the characters A-Z a-z 0-9 . _ -, the first a letter, a digit or '_'"
+_RUN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
+SEED_RANGE = "an integer with 0 <= seed < 2**32 (numpy's seed range)"
+DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
+
+
+def check_run_name(name: str, key: str = "name") -> str:
+    """``name`` if it is one safe folder name (a run folder is ``output_dir/<name>-<time>``), else a
+    :class:`ConfigError` naming ``key``: no ``/``, ``\\``, ``..``, NUL or leading ``-`` can reach a path."""
+    if not _RUN_NAME.fullmatch(name):
+        raise ConfigError(f"{key} {name!r}: a run name must be {RUN_NAME_RULE} (it names a folder in output_dir)")
+    return name
+
+
+def _ray_gpus(v: float) -> float:
+    if v > 1 and not v.is_integer():
+        raise ValueError(f"Ray shares a GPU only in fractions below 1; above 1 it takes whole GPUs, not {v}")
+    return v
+
+
+# Ray's GPU request of one actor: 0, a fraction below 1, or a whole number
+Gpus = Annotated[float, Field(ge=0), AfterValidator(_ray_gpus)]
 
 
 class LoraConfig(_Section):
     rank: int = Field(8, ge=1)
     alpha: float = Field(16.0, gt=0)
-    target_modules: tuple[str, ...] = (
+    target_modules: Annotated[tuple[str, ...], Field(min_length=1)] = (
         "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
     )
 
 
 class ModelConfig(_Section):
     family: str = Field("sd3", description="a registered model family (rlflow.models.MODEL_FAMILIES)")
-    path: str = Field("builtin:shapes", description="diffusers folder, hub id, or builtin:shapes")
+    path: str = Field("builtin:shapes", min_length=1, description="diffusers folder, hub id, or builtin:shapes")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    device: str = "cpu"
+    device: str = Field("cpu", description=f"a torch device of type {', '.join(DEVICE_TYPES)}; on Ray, 'cuda' "
+                        "needs ray.sampler.num_gpus and ray.learner.num_gpus (see check_inputs)")
     lora: LoraConfig = LoraConfig()
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        try:
+            kind = torch.device(v).type
+        except (RuntimeError, TypeError):
+            raise ValueError(f"{v!r} is not a torch device (e.g. 'cpu', 'cuda', 'cuda:1', 'mps')") from None
+        if kind not in DEVICE_TYPES:
+            raise ValueError(f"device type {kind!r} cannot run a model; use one of {', '.join(DEVICE_TYPES)}")
+        return v
 
     @field_validator("family")
     @classmethod
@@ -47,8 +91,8 @@ class ModelConfig(_Section):
 
 class DataConfig(_Section):
     source: Literal["shapes", "file"] = "shapes"
-    train_file: str | None = Field(None, description="one prompt per line (source: file)")
-    eval_file: str | None = None
+    train_file: str | None = Field(None, min_length=1, description="one prompt per line (source: file)")
+    eval_file: str | None = Field(None, min_length=1, description="one prompt per line (source: file)")
     eval_per_kind: int = Field(128, ge=1, description="shapes world: held-out images per prompt kind (4 kinds)")
     eval_seeds: int = Field(1, ge=1, description="file prompts: images per eval prompt")
 
@@ -56,6 +100,9 @@ class DataConfig(_Section):
     def _files(self) -> DataConfig:
         if self.source == "file" and not self.train_file:
             raise ValueError("data.train_file is required when data.source is 'file'")
+        if self.source != "file" and (self.train_file or self.eval_file):
+            raise ValueError(f"data.train_file and data.eval_file are read only when data.source is 'file' "
+                             f"(data.source is {self.source!r})")
         return self
 
 
@@ -91,14 +138,15 @@ class RewardConfig(_Section):
     """The reward and its server pool (Ray runtime: ``replicas`` actors, each scoring batches of at most
     ``max_batch_size`` images; a call that takes longer than ``timeout_s`` is retried ``retries`` times)."""
 
-    name: str = Field("shapes_geneval", description="a registered reward name or 'package.module:callable'")
+    name: str = Field("shapes_geneval", min_length=1,
+                      description="a registered reward name or 'package.module:callable'")
     kwargs: dict[str, Any] = Field(default_factory=dict)
     replicas: int = Field(1, ge=1)
     max_batch_size: int = Field(64, ge=1)
     timeout_s: float = Field(300.0, gt=0)
     retries: int = Field(2, ge=0)
     num_cpus: float = Field(1.0, ge=0)
-    num_gpus: float = Field(0.0, ge=0)
+    num_gpus: Gpus = 0.0
     runtime_env: dict[str, Any] = Field(default_factory=dict, description="a Ray runtime_env for the reward's actors")
 
 
@@ -119,19 +167,23 @@ class TrainConfig(_Section):
     eval_every: int = Field(25, ge=0, description="0 disables periodic eval (first and last still run)")
     eval_steps: int = Field(40, ge=1, description="ODE steps of the eval sampler")
     checkpoint_every: int = Field(25, ge=1)
+    keep_checkpoints: int = Field(
+        0, ge=0, description="keep only the newest N sound checkpoints in the run folder; 0 keeps all (each LoRA "
+        "also reaches MLflow)"
+    )
     log_images_every: int = Field(25, ge=0)
     threads: int = Field(0, ge=0, description="torch CPU threads; 0 = all cores")
 
 
 class Resources(_Section):
     num_cpus: float = Field(1.0, ge=0)
-    num_gpus: float = Field(0.0, ge=0)
+    num_gpus: Gpus = 0.0
 
 
 class RayConfig(_Section):
     """The Ray runtime: actors, their placement, and the pipeline."""
 
-    address: str | None = Field(None, description="None: embedded local Ray (inside a Ray job: the job's cluster)")
+    address: str | None = Field(None, min_length=1, description="None: embedded local Ray (inside a Ray job: the job's cluster)")
     num_samplers: int = Field(1, ge=1)
     num_learners: int = Field(1, ge=1, description="data-parallel learner ranks (one torch.distributed group)")
     placement: Literal["colocated", "disaggregated"] = Field(
@@ -173,14 +225,14 @@ class RayConfig(_Section):
 
 
 class TrackingConfig(_Section):
-    tracking_uri: str | None = Field(None, description="None: sqlite store in output_dir")
-    experiment: str = "rlflow"
+    tracking_uri: str | None = Field(None, min_length=1, description="None: sqlite store in output_dir")
+    experiment: str = Field("rlflow", min_length=1)
 
 
 class Config(_Section):
-    name: str = "run"
-    seed: int = 0
-    output_dir: str = "runs"
+    name: str = Field("run", description=f"the run folder is output_dir/<name>-<time>: {RUN_NAME_RULE}")
+    seed: int = Field(0, description=SEED_RANGE)
+    output_dir: str = Field("runs", min_length=1)
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     sampling: SamplingConfig = SamplingConfig()
@@ -189,6 +241,20 @@ class Config(_Section):
     train: TrainConfig = TrainConfig()
     tracking: TrackingConfig = TrackingConfig()
     ray: RayConfig = RayConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _RUN_NAME.fullmatch(v):
+            raise ValueError(f"a run name must be {RUN_NAME_RULE} (it names a folder in output_dir)")
+        return v
+
+    @field_validator("seed")
+    @classmethod
+    def _seed(cls, v: int) -> int:
+        if not 0 <= v < 2**32:
+            raise ValueError(f"the seed must be {SEED_RANGE}")
+        return v
 
     @model_validator(mode="after")
     def _chunks(self) -> Config:
@@ -213,7 +279,11 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {key}: '{p}' is not a section")
-        node[parts[-1]] = yaml.safe_load(value)
+        try:
+            node[parts[-1]] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            why = getattr(err, "problem", None) or " ".join(str(err).split())
+            raise ConfigError(f"--set {key}: {value!r} is not valid YAML ({why})") from None
     return out
 
 
@@ -244,6 +314,8 @@ def _format(err: ValidationError, source: str) -> str:
             got = e.get("input")
             shown = "" if isinstance(got, dict) else f" (got {got!r})"
             lines.append(f"  {key}: {e['msg']}{shown}")
+    if len(lines) == 1:  # the common case reads as one line
+        return f"invalid config {source}: {lines[0].strip()}"
     return f"invalid config {source}:\n" + "\n".join(lines)
 
 
@@ -256,7 +328,7 @@ def validate(raw: dict[str, Any], source: str = "") -> Config:
 
 def read_config_text(path: str | Path) -> tuple[str, str]:
     """``(yaml_text, source)`` of a config file, or of an environment variable when ``path`` is ``env:NAME``
-    (how ``rlflow submit`` hands a job the exact config it validated)."""
+    (a config without secrets only: a Ray job's env vars are public, see :func:`rlflow.jobs.submit`)."""
     if str(path).startswith("env:"):
         name = str(path)[4:]
         if name not in os.environ:
@@ -282,3 +354,100 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
 
 def to_dict(cfg: Config) -> dict[str, Any]:
     return cfg.model_dump(mode="json")
+
+
+# --------------------------------------------------------------------------- checks before any work
+
+
+def check_inputs(cfg: Config, *, on_ray: bool) -> None:
+    """What validation cannot see, checked by ``rlflow train`` before any work (a :class:`ConfigError` naming
+    the key): the prompt files hold prompts, ``output_dir`` can hold run folders, and ``model.device`` exists
+    where the model runs (:func:`check_device`). Not part of :func:`validate`: a run folder's ``config.yaml``
+    must still load (``rlflow sample``) after its prompt files moved, or on a machine without its GPUs."""
+    if cfg.data.source == "file":
+        read_prompts(cfg.data.train_file or "", "data.train_file")
+        if cfg.data.eval_file:
+            read_prompts(cfg.data.eval_file, "data.eval_file")
+    out = Path(cfg.output_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output_dir {cfg.output_dir}: exists and is not a folder")
+    nearest = next(p for p in (out, *out.parents) if p.exists())
+    if not nearest.is_dir() or not os.access(nearest, os.W_OK | os.X_OK):
+        raise ConfigError(f"output_dir {cfg.output_dir}: cannot make folders in {nearest}")
+    check_device(cfg, on_ray=on_ray)
+
+
+def check_device(cfg: Config, *, on_ray: bool) -> None:
+    """``model.device`` against the resources the run asks for. On Ray (``on_ray``) the sampler and learner
+    actors run the model: Ray hides every GPU from an actor that asks for none and shows one that asks for
+    some as ``cuda:0``, so ``cuda`` needs ``ray.sampler.num_gpus`` and ``ray.learner.num_gpus`` above 0, takes
+    no device index, and a GPU asked for with another device would sit idle. In this process: the machine's."""
+    device = torch.device(cfg.model.device)
+    got = f"model.device {cfg.model.device!r}"
+    if on_ray:
+        gpus = {"ray.sampler.num_gpus": cfg.ray.sampler.num_gpus, "ray.learner.num_gpus": cfg.ray.learner.num_gpus}
+        if device.type == "cuda" and device.index is not None:
+            raise ConfigError(f"{got}: a Ray actor sees only the GPUs it is given, always from cuda:0; use 'cuda'")
+        if device.type == "cuda" and (none := [k for k, v in gpus.items() if v == 0]):
+            raise ConfigError(f"{got} with {' and '.join(none)} 0: Ray hides every GPU from an actor that asks for "
+                              "none; give both GPUs (e.g. 0.5 each to share one) or use model.device 'cpu'")
+        if device.type != "cuda" and (asked := [k for k, v in gpus.items() if v > 0]):
+            raise ConfigError(f"{got} leaves the GPUs of {' and '.join(asked)} idle: set them to 0 or use "
+                              "model.device 'cuda'")
+    elif device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count <= (device.index or 0):
+            raise ConfigError(f"{got}: this machine has {count} CUDA GPU(s)")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"{got}: MPS is not available on this machine")
+
+
+# A resumed run may change how long it runs and how it is executed, tracked and checkpointed, and rotate
+# credentials; anything else (seed, model, data, sampling, reward maths, algo, optimizer, eval) would make it
+# another run than the one its checkpoints belong to.
+RESUMABLE = (
+    "output_dir", "train.steps", "train.eval_every", "train.checkpoint_every", "train.log_images_every",
+    "train.threads", "tracking", "ray", "reward.replicas", "reward.max_batch_size", "reward.timeout_s",
+    "reward.retries", "reward.num_cpus", "reward.num_gpus",
+)
+NOT_RESUMABLE = ("ray.pipeline",)  # one_step_off trains on rollouts one policy version old: other maths
+# Keys that name code to import or packages to install: on resume they change only when --set names them.
+CODE_KEYS = ("reward.name", "reward.runtime_env")
+
+
+def _under(key: str, prefixes: tuple[str, ...]) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
+def _leaves(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict) and node:
+        return {k: v for name, sub in node.items() for k, v in _leaves(sub, f"{prefix}{name}.").items()}
+    return {prefix[:-1]: node}
+
+
+def check_resume(original: Config, resumed: Config, overrides: list[str], run_dir: str) -> None:
+    """Refuse a resume whose ``--set`` ``overrides`` change the run: a key outside :data:`RESUMABLE` (a
+    string under a secret-looking key of ``reward.kwargs``, e.g. ``api_key``, may change: a rotated
+    credential), or a key of :data:`CODE_KEYS` changed by any ``--set`` but one naming it (or a key below
+    it), e.g. ``--set reward={...}``."""
+    before, after = _leaves(to_dict(original)), _leaves(to_dict(resumed))
+    named = [o.partition("=")[0].strip() for o in overrides]
+    changed = [k for k in sorted(before.keys() | after.keys()) if before.get(k, ()) != after.get(k, ())]
+    # a --set names k when it names k, a section above it, or (k an emptied section) a key below it
+    code = [k for k in changed if _under(k, CODE_KEYS) and not any(
+        _under(n, CODE_KEYS) and (_under(k, (n,)) or _under(n, (k,))) for n in named)]
+    if code:
+        raise ConfigError(
+            f"--resume {run_dir}: {', '.join(code)} would differ from the run's config.yaml; it names code to import "
+            "or packages to install, so a resumed run changes it only when --set names it (--set reward.name=...)"
+        )
+    rotated = [k for k in changed if k.startswith("reward.kwargs.") and is_secret_key(k.rsplit(".", 1)[-1])
+               and isinstance(before.get(k), str) and isinstance(after.get(k), str)]
+    other = [k for k in changed if not _under(k, CODE_KEYS) and k not in rotated
+             and (not _under(k, RESUMABLE) or _under(k, NOT_RESUMABLE))]
+    if other:
+        allowed = ", ".join(f"{k}.*" if k in ("tracking", "ray") else k for k in RESUMABLE)
+        raise ConfigError(
+            f"--resume {run_dir}: {', '.join(other)} cannot change on resume (a different run: start a new one); "
+            f"a resumed run may change {allowed} (not {', '.join(NOT_RESUMABLE)}) and credentials in reward.kwargs"
+        )

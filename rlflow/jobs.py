@@ -2,9 +2,10 @@
 
 ``submit`` validates the config locally (a bad config never reaches the cluster), creates the MLflow run
 client-side (status SCHEDULED, tagged with the Ray job id and address) and submits
-``python -m rlflow train env:RLFLOW_JOB_CONFIG`` with the validated config in the job's environment; the
-job re-opens that MLflow run (``RLFLOW_MLFLOW_RUN_ID``). The other functions look jobs up, stream their
-logs and stop them. Every failure to reach the cluster or find a job is a ``JobsError`` naming the address.
+``python -m rlflow train .rlflow-job/config.yaml`` with the validated config as that file of the job's
+working-dir package (:func:`package_working_dir`; why there: :func:`submit`); the job re-opens that MLflow
+run (``RLFLOW_MLFLOW_RUN_ID``). The other functions look jobs up, stream their logs and stop them. Every
+failure to reach the cluster or find a job is a ``JobsError`` naming the address.
 
 Address resolution: the explicit argument, else ``$RAY_ADDRESS``, else ``http://127.0.0.1:8265`` (the Ray
 dashboard / job server of the head node); ``HOST:PORT`` without a scheme gets ``http://``.
@@ -18,8 +19,11 @@ import os
 import re
 import secrets
 import socket
+import stat
 import sys
+import tempfile
 import time
+import zipfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -29,7 +33,8 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from rlflow.config import ConfigError, load_config, to_dict
+from rlflow.config import ConfigError, check_device, load_config, to_dict
+from rlflow.redact import MASK, redact_text
 from rlflow.workdir import EXCLUDES
 
 __all__ = [
@@ -43,6 +48,7 @@ __all__ = [
     "follow",
     "list_jobs",
     "logs",
+    "package_working_dir",
     "resolve_address",
     "status",
     "stop",
@@ -52,7 +58,7 @@ __all__ = [
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 TERMINAL = frozenset({"SUCCEEDED", "FAILED", "STOPPED"})
-CONFIG_ENV = "RLFLOW_JOB_CONFIG"
+JOB_CONFIG = ".rlflow-job/config.yaml"  # in the job's working dir: the validated config, secrets included
 CONNECT_TIMEOUT_S = 5.0
 
 # Ray's INFO notes per ignored file and per closed log stream, and its warning that .git/.venv are now
@@ -209,6 +215,25 @@ def _submission_id(name: str) -> str:
     return f"rlflow-{slug}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
 
 
+def package_working_dir(working_dir: Path, config_yaml: str, dest: Path) -> Path:
+    """Write ``dest``, the zip of the job's working dir that Ray uploads as is: ``working_dir`` packed by Ray's
+    own packer as Ray packs a working-dir folder (its .gitignore and Ray's default excludes honoured) less
+    :data:`~rlflow.workdir.EXCLUDES` (dotenv files among them), plus ``config_yaml`` at :data:`JOB_CONFIG`
+    (mode 0600; a file of that name in ``working_dir`` is left out)."""
+    from ray._private import ray_constants
+    from ray._private.runtime_env.packaging import create_package
+
+    excludes = [*ray_constants.get_runtime_env_default_excludes(), *EXCLUDES, JOB_CONFIG.split("/")[0]]
+    include_gitignore = os.environ.get(ray_constants.RAY_RUNTIME_ENV_IGNORE_GITIGNORE, "0") != "1"
+    create_package(str(working_dir), dest, include_gitignore=include_gitignore, include_parent_dir=False,
+                   excludes=excludes)
+    entry = zipfile.ZipInfo(JOB_CONFIG, date_time=time.localtime()[:6])
+    entry.external_attr = (stat.S_IFREG | 0o600) << 16
+    with zipfile.ZipFile(dest, "a", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr(entry, config_yaml)
+    return dest
+
+
 def submit(
     config: str,
     address: str | None,
@@ -223,10 +248,22 @@ def submit(
 
     ``entrypoint_num_cpus`` is the CPU reservation of the driver (``rlflow train``) itself; 0 (Ray's
     default) leaves every CPU of the cluster to the actors the trainer starts.
+
+    Secrets: the Jobs API hands every job's entrypoint, ``runtime_env`` (its env vars too) and metadata to
+    anyone who can reach the job server, so none of them carries the config or a credential: the env vars
+    and metadata hold ids and URIs with their credentials masked (:func:`rlflow.redact.redact_text`). The
+    job needs the whole config (reward kwargs, the reward's ``runtime_env`` env vars, credentials of
+    ``tracking.tracking_uri``), so it travels as a file of the working-dir package
+    (:func:`package_working_dir`), which the job server keeps in the cluster's GCS and unpacks only on the
+    cluster's nodes; its HTTP API answers whether a package exists, never what it holds. (Whoever may submit
+    jobs runs code on the cluster and can read anything there: that is Ray's trust boundary.) The prompt
+    files and model folder are not checked here: they are read on the cluster, where ``rlflow train``
+    checks them before any work.
     """
     from rlflow.tracking import Tracker, default_tracking_uri
 
     cfg = load_config(config, list(overrides or []))
+    check_device(cfg, on_ray=True)
     out_dir = Path(cfg.output_dir).expanduser()
     abs_out = str(out_dir.resolve())
     if not out_dir.is_absolute():
@@ -256,33 +293,35 @@ def submit(
             uri,
             cfg.tracking.experiment,
             run_name=run_name,
-            tags={"rlflow.ray_job_id": sub_id, "rlflow.ray_address": address, "rlflow.config": str(config)},
+            tags={"rlflow.ray_job_id": sub_id, "rlflow.ray_address": redact_text(address),
+                  "rlflow.config": str(config)},
         )
         tracker.client.update_run(tracker.run_id, "SCHEDULED")
     except Exception as err:  # MlflowException, OSError, ...: nothing was submitted
         raise JobsError(f"cannot create the MLflow run in {uri}: {str(err).splitlines()[0]}") from None
     env_vars = {
-        CONFIG_ENV: yaml.safe_dump(raw, sort_keys=False),
         "RLFLOW_MLFLOW_RUN_ID": tracker.run_id,
         "RLFLOW_RUN_NAME": run_name,  # the job's run folder takes the MLflow run's name
         "RLFLOW_RAY_JOB_ID": sub_id,
-        "RLFLOW_RAY_ADDRESS": address,
+        "RLFLOW_RAY_ADDRESS": redact_text(address),
         "PYTHONUNBUFFERED": "1",  # logs stream while the job runs
     }
     metadata = {
         "rlflow.name": cfg.name,
         "rlflow.config": str(config),
         "rlflow.mlflow_run_id": tracker.run_id,
-        "rlflow.tracking_uri": uri,
+        "rlflow.tracking_uri": redact_text(uri),
     }
     try:
-        got = client.submit_job(
-            entrypoint=f"{python} -m rlflow train env:{CONFIG_ENV}",
-            submission_id=sub_id,
-            runtime_env={"working_dir": str(wd), "excludes": list(EXCLUDES), "env_vars": env_vars},
-            metadata=metadata,
-            entrypoint_num_cpus=entrypoint_num_cpus,
-        )
+        with tempfile.TemporaryDirectory(prefix="rlflow-job-") as tmp:  # 0700; gone once uploaded
+            package = package_working_dir(wd, yaml.safe_dump(raw, sort_keys=False), Path(tmp) / "working_dir.zip")
+            got = client.submit_job(
+                entrypoint=f"{python} -m rlflow train {JOB_CONFIG}",
+                submission_id=sub_id,
+                runtime_env={"working_dir": str(package), "env_vars": env_vars},
+                metadata=metadata,
+                entrypoint_num_cpus=entrypoint_num_cpus,
+            )
     except Exception as err:
         tracker.set_tags({"rlflow.submit_error": str(err)[:5000]})
         tracker.finish("FAILED")
@@ -379,10 +418,12 @@ def list_jobs(address: str | None = None) -> list[JobState]:
 def close_mlflow_run(state: JobState) -> str | None:
     """After a job ended, end its MLflow run if the job could not (killed, or died before training started).
 
-    STOPPED -> KILLED, FAILED -> FAILED, SUCCEEDED -> left alone. Returns the status set, or None.
+    STOPPED -> KILLED, FAILED -> FAILED, SUCCEEDED -> left alone. Returns the status set, or None. The job's
+    metadata has the tracking URI without its credentials: MLflow then takes them from this machine's
+    ``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD`` (or ``MLFLOW_TRACKING_TOKEN``).
     """
     info = state.rlflow
-    run_id, uri = info.get("mlflow_run_id"), info.get("tracking_uri")
+    run_id, uri = info.get("mlflow_run_id"), info.get("tracking_uri", "").replace(f"{MASK}@", "")
     if not state.done or state.status == "SUCCEEDED" or not run_id or not uri:
         return None
     from mlflow.tracking import MlflowClient

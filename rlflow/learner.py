@@ -27,6 +27,11 @@ from rlflow.sampler import chunks
 from rlflow.types import LearnerState, Rollout
 
 
+class NonFiniteError(RuntimeError):
+    """A loss or a gradient is NaN or inf: the update stopped before its optimizer step (nothing was changed by
+    that mini-batch, so nothing non-finite can reach the samplers or a checkpoint)."""
+
+
 @dataclass(frozen=True)
 class LearnerSettings:
     lr: float = 3e-4
@@ -154,12 +159,14 @@ class Learner:
         for group, (mine, pad) in zip(groups, shares, strict=True):
             count = sum(spans[i].stop - spans[i].start for i in group) * terms
             self.optimizer.zero_grad(set_to_none=True)
+            bad: str | None = None
             for i in mine:
-                self._accumulate(mbs[i], terms, count, acc)
+                problem = self._accumulate(mbs[i], terms, count, acc)
+                bad = bad or problem  # the first one
             for _ in range(pad):
                 self._accumulate(dummy, terms, count, acc, weight=0.0)  # type: ignore[arg-type]
             self._allreduce_grads()
-            grad_norm = self._clip()
+            grad_norm = self._clip(bad)
             self.optimizer.step()
             self.optimizer_steps += 1
             if self.rank == 0:
@@ -195,12 +202,45 @@ class Learner:
         self.optimizer.zero_grad(set_to_none=True)
         return flat.detach().cpu()
 
-    def _clip(self) -> Tensor:
+    def _clip(self, bad_loss: str | None = None) -> Tensor:
+        """Clip the (reduced) gradients to ``grad_clip``; returns their norm. Raises :class:`NonFiniteError`
+        first when a loss (``bad_loss``: this rank's first) or a gradient is not finite, on every rank alike."""
+        self._check_finite(bad_loss)
         if self.sharded:
             from rlflow import fsdp
 
-            return fsdp.clip_grad_norm_(self.params, self.settings.grad_clip)
-        return torch.nn.utils.clip_grad_norm_(self.params, self.settings.grad_clip)
+            norm = fsdp.clip_grad_norm_(self.params, self.settings.grad_clip)
+        else:
+            norm = torch.nn.utils.clip_grad_norm_(self.params, self.settings.grad_clip)
+        if not torch.isfinite(norm):
+            raise NonFiniteError(f"the gradient norm overflowed to {float(norm)}; no optimizer step was taken")
+        return norm
+
+    def _check_finite(self, bad_loss: str | None) -> None:
+        """Raise :class:`NonFiniteError` naming the loss term or the parameter when a loss or a gradient of
+        this optimizer step is NaN or inf. Checked before clipping (which would spread a NaN over every
+        gradient); with ranks, a flag is all-reduced so that all of them stop together."""
+        problem = bad_loss or self._nonfinite_gradient()
+        if self.world_size > 1:
+            flag = torch.tensor([0.0 if problem is None else 1.0], device=self.model.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            if flag.item() and problem is None:
+                problem = "a loss or a gradient of another learner rank is not finite"
+        if problem is not None:
+            raise NonFiniteError(f"{problem}; no optimizer step was taken")
+
+    def _nonfinite_gradient(self) -> str | None:
+        grads = [p.grad for p in self.params if p.grad is not None]
+        local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
+        if not local or bool(torch.stack([torch.isfinite(g).all() for g in local]).all()):
+            return None
+        names = {id(p): n for n, p in self.policy.transformer.named_parameters()}
+        for p in self.params:
+            g = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad  # type: ignore[union-attr]
+            if g is not None and not bool(torch.isfinite(g).all()):
+                bad = int((~torch.isfinite(g)).sum())
+                return f"the gradient of {names.get(id(p), 'a trainable parameter')} has {bad} non-finite value(s)"
+        return "a gradient is not finite"
 
     def _snapshot(self) -> None:
         """Keep the sampling weights of the current version (batches sampled at it may arrive later)."""
@@ -224,14 +264,24 @@ class Learner:
             p.grad.copy_(flat[offset : offset + n].view_as(p))  # type: ignore[union-attr]
             offset += n
 
-    def _accumulate(self, mb: MicroBatch, terms: int, count: int, acc: _StatAccumulator, weight: float = 1.0) -> None:
+    def _accumulate(
+        self, mb: MicroBatch, terms: int, count: int, acc: _StatAccumulator, weight: float = 1.0
+    ) -> str | None:
         """Backpropagate the micro-batch's loss, each term scaled by its share ``n / count`` of the mini-batch
-        (times ``weight``: 0 for a padding pass, which adds no gradient and no stats)."""
+        (times ``weight``: 0 for a padding pass, which adds no gradient and no stats). Returns what is wrong
+        with the first term whose loss is NaN or inf (naming it and its non-finite stats), else None."""
+        bad = None
         for j in range(terms):
             loss, stats = self.algo.loss(self.model, mb, j)
+            if bad is None and weight and not bool(torch.isfinite(loss.detach())):
+                nonfinite = sorted(k for k, v in stats.items() if not bool(torch.isfinite(v).all()))
+                bad = (f"the {self.algo.name} loss is {float(loss.detach())} (term {j} of the micro-batch of samples "
+                       f"{mb.rollout.offset}..{mb.rollout.offset + mb.size - 1}; non-finite stats: "
+                       f"{', '.join(nonfinite) or 'none'})")
             (loss * (weight * mb.size / count)).backward()
             if weight:
                 acc.add(stats, mb.size)
+        return bad
 
     def state(self, *, with_previous: bool = False) -> LearnerState:
         """Whole tensors in the one-process layout (sharded: gathered, so every rank must call it);

@@ -13,6 +13,11 @@ _SECRET_KEY = re.compile(r"(pass(word|wd)?|secret|token|api[_-]?key|apikey|crede
 _URI_CREDENTIALS = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<cred>[^/@\s]+)@")
 
 
+def is_secret_key(key: str) -> bool:
+    """Whether values under ``key`` are treated as secrets (``api_key``, ``token``, ``password``, ...)."""
+    return bool(_SECRET_KEY.search(key))
+
+
 def redact_text(text: str) -> str:
     """``scheme://user:password@host`` -> ``scheme://***@host``."""
     return _URI_CREDENTIALS.sub(lambda m: f"{m['scheme']}{MASK}@", text)
@@ -26,7 +31,7 @@ def redact(value: Any, key: str = "") -> Any:
         return {k: redact(v, str(k)) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return type(value)(redact(v, key) for v in value)
-    if key and _SECRET_KEY.search(key) and isinstance(value, str) and value:
+    if key and is_secret_key(key) and isinstance(value, str) and value:
         return MASK  # secrets are strings (a number under "max_tokens" is not one)
     if isinstance(value, str):
         return redact_text(value)

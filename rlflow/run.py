@@ -6,7 +6,8 @@
     advantages   group-normalised (ALGORITHMS.md section 0)
     update       the learner(s) run the algorithm's loss; the policy version advances
     sync         the new sampling weights reach the samplers
-    eval / log / checkpoint   MLflow metrics, sample grids, resumable checkpoints
+    checkpoint   a resumable checkpoint, written first so that a failing eval or tracking store cannot lose it
+    eval / log   MLflow metrics, sample grids, the checkpoint's LoRA (a resume finishes what was not logged)
 
 The step is written once (:class:`Run`). Where it runs is an :class:`Executor`: plain objects in this process
 (:class:`rlflow.executor.InProcessExecutor`) or Ray actors (``workers/executor.py``); how rollouts overlap
@@ -16,8 +17,10 @@ randomness of step k is seeded from ``(seed, k)``, so a resumed run repeats an u
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,16 +32,30 @@ import yaml
 
 from rlflow import builders
 from rlflow.algos import group_advantages
-from rlflow.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
+from rlflow.checkpoint import (
+    TrainState,
+    adapter_files,
+    checkpoint_dir,
+    latest_checkpoint,
+    load_latest,
+    prune_checkpoints,
+    save_checkpoint,
+)
 from rlflow.config import Config, to_dict
-from rlflow.redact import redact
+from rlflow.learner import NonFiniteError
+from rlflow.redact import redact, redact_text
 from rlflow.seeding import step_seed
 from rlflow.stats import paired_bootstrap
 from rlflow.tasks import EvalReport, Task
 from rlflow.tracking import Tracker, default_tracking_uri
 from rlflow.types import Conditions, LearnerState, Media, RewardOutput
 
-__all__ = ["Run", "RunRecorder", "StepBatch", "Collected", "Executor", "Pipeline", "ResumableError", "step_seed"]
+__all__ = [
+    "Run", "RunRecorder", "StepBatch", "Collected", "Executor", "Pipeline", "ResumableError", "NonFiniteError",
+    "step_seed",
+]
+
+ROW_MARKER = "time/step"  # the last metric of a step's row: a step that has it in the store was logged
 
 
 @dataclass(frozen=True)
@@ -129,7 +146,9 @@ class ResumableError(RuntimeError):
 class RunRecorder:
     """Opens (or re-opens) the run in ``run_dir``: its checkpoint state and its MLflow run.
 
-    ``resume``: the latest checkpoint's learner state, or ``None``.
+    ``resume``: the learner state of the newest usable checkpoint (``resumed_from``; a bad one is skipped with a
+    warning naming its bad file), or ``None``. ``logged``: the steps the tracking store already has a row of
+    (on a resume, those after the checkpoint: they are recomputed, bit for bit, but not logged twice).
     """
 
     def __init__(
@@ -138,10 +157,10 @@ class RunRecorder:
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.state = TrainState()
-        self.resumed_from = latest_checkpoint(self.run_dir)
+        self.resumed_from: Path | None = None
         self.resume: LearnerState | None = None
-        if self.resumed_from is not None:
-            self.state, self.resume = load_checkpoint(self.resumed_from)
+        if (found := load_latest(self.run_dir)) is not None:
+            self.resumed_from, self.state, self.resume = found
         uri = cfg.tracking.tracking_uri or default_tracking_uri(cfg.output_dir)
         self.tracker = Tracker(
             uri, cfg.tracking.experiment, run_name=self.run_dir.name, run_id=self.state.mlflow_run_id or run_id,
@@ -149,6 +168,9 @@ class RunRecorder:
         )
         self.state.mlflow_run_id = self.tracker.run_id
         self.primary: str | None = None
+        self.logged: set[int] = set()
+        if self.resumed_from is not None:
+            self.logged = {m.step for m in self.tracker.client.get_metric_history(self.tracker.run_id, ROW_MARKER)}
 
     def due(self, every: int) -> bool:
         return every > 0 and self.state.step % every == 0
@@ -204,8 +226,13 @@ class RunRecorder:
         return {**out, key: float(diff.mean()), f"{key}_lo": lo, f"{key}_hi": hi}
 
     def log_step(self, metrics: dict[str, float]) -> None:
+        """Keep the step's eval and reward figures and log its row, unless the store has it already (a step
+        recomputed after a resume: one row per step)."""
         self.state.history.update({k: v for k, v in metrics.items() if k.startswith(("eval/", "reward/"))})
-        self.tracker.log_metrics(metrics, step=self.state.step)
+        if self.state.step not in self.logged:
+            row = {k: v for k, v in metrics.items() if k != ROW_MARKER} | {ROW_MARKER: metrics[ROW_MARKER]}
+            self.tracker.log_metrics(row, step=self.state.step)
+            self.logged.add(self.state.step)
 
     def log_samples(self, task: Task, sample: Callable[[Conditions, list[int]], Media], step: int) -> None:
         """Up to 16 held-out samples (a captioned grid; videos also as strips and a GIF)."""
@@ -215,13 +242,21 @@ class RunRecorder:
         sel = conditions.index(idx)
         self.tracker.log_media(sample(sel, [seeds[i] for i in idx]), list(sel.prompts), step=step, name="eval_samples")
 
-    def checkpoint(self, learner: LearnerState) -> Path:
-        """Save the resumable checkpoint locally and log its LoRA weights (the trained adapter and the
-        algorithm's extra ones) to MLflow."""
-        path = save_checkpoint(self.run_dir, self.state, learner)
-        for name in ["lora", *(f"lora_{a}" for a in learner.adapters)]:
-            self.tracker.log_artifact(path / f"{name}.safetensors", f"checkpoints/{path.name}")
+    def checkpoint(self, learner: LearnerState, metrics: dict[str, float]) -> Path:
+        """Save the resumable checkpoint of this step locally, with the step's ``metrics`` so far (its report,
+        which a resume finishes), and keep the newest ``train.keep_checkpoints``."""
+        state = dataclasses.replace(self.state, report={k: float(v) for k, v in metrics.items()})
+        path = save_checkpoint(self.run_dir, state, learner)
+        if self.cfg.train.keep_checkpoints:
+            prune_checkpoints(self.run_dir, self.cfg.train.keep_checkpoints)
         return path
+
+    def upload_checkpoint(self, step: int) -> None:
+        """Log the LoRA weights of step ``step``'s checkpoint (the trained adapter and the algorithm's extra
+        ones) to MLflow (again, on a resume: the same files under the same names)."""
+        path = checkpoint_dir(self.run_dir, step)
+        for f in adapter_files(path):
+            self.tracker.log_artifact(f, f"checkpoints/{path.name}")
 
     def finish(self, seconds: float) -> dict[str, Any]:
         """Write and log the summary; mark the MLflow run FINISHED."""
@@ -233,9 +268,10 @@ class RunRecorder:
     def _run_averages(self, window: int = 10) -> dict[str, float]:
         """Means over the whole run (resumed parts included), read back from the tracking store."""
 
-        def history(key: str) -> list[float]:
+        def history(key: str) -> list[float]:  # one value per step (the last logged, were there more)
             hist = self.tracker.client.get_metric_history(self.tracker.run_id, key)
-            return [m.value for m in sorted(hist, key=lambda m: m.step)]
+            by_step = {m.step: m.value for m in sorted(hist, key=lambda m: (m.step, m.timestamp))}
+            return [by_step[s] for s in sorted(by_step)]
 
         out: dict[str, float] = {}
         images_per_s, step_s, reward = (history(k) for k in ("throughput/rollout_images_per_s", "time/step", "reward/mean"))
@@ -252,7 +288,7 @@ class RunRecorder:
         summary: dict[str, Any] = {
             "run_dir": str(self.run_dir.resolve()),
             "mlflow_run_id": self.tracker.run_id,
-            "mlflow_run_url": self.tracker.run_url,
+            "mlflow_run_url": redact_text(self.tracker.run_url),  # the summary is logged to MLflow too
             "steps": self.state.step,
             "wall_seconds_this_session": round(seconds, 1),
             "eval_before": {k.split("/", 1)[1]: v for k, v in h.items() if k.startswith("eval_before/")},
@@ -341,7 +377,6 @@ class Run:
     ) -> None:
         self.cfg, self.executor = cfg, executor
         self.pipeline = pipeline or build_pipeline(cfg)
-        self._recent_rewards: list[float] = []  # training reward means since the last eval
         try:
             self.task = builders.build_task(cfg.data)
             self.rec = RunRecorder(cfg, run_dir, tags=tags, run_id=run_id)  # only once the model has loaded
@@ -381,15 +416,21 @@ class Run:
         return group_advantages(rewards.score, group_ids, global_std=self.cfg.algo.global_std)
 
     def stage_update(self, got: Collected, adv: torch.Tensor, step: int) -> dict[str, float]:
-        stats = self.executor.update(got, adv, step_seed(self.cfg.seed, step, 2), step)
+        """The learner's update; a NaN or inf loss or gradient stops the run here, before its optimizer step,
+        so nothing non-finite is synced or checkpointed."""
+        try:
+            stats = self.executor.update(got, adv, step_seed(self.cfg.seed, step, 2), step)
+        except NonFiniteError as err:
+            raise NonFiniteError(f"step {step + 1}: {err}") from None
         self.state.policy_version += 1
         return stats
 
     def stage_sync(self) -> None:
         self.executor.sync(self.state.policy_version)
 
-    def stage_checkpoint(self) -> Path:
-        return self.rec.checkpoint(self.executor.learner_state())
+    def stage_checkpoint(self, metrics: dict[str, float] | None = None) -> Path:
+        """The checkpoint of the step just taken, with its ``metrics`` so far (the report a resume finishes)."""
+        return self.rec.checkpoint(self.executor.learner_state(), metrics or {})
 
     def evaluate(self) -> dict[str, float]:
         """The task's eval metrics, and the change of its primary metric since the base model's eval (the
@@ -421,28 +462,41 @@ class Run:
         return metrics
 
     def stage_after(self, metrics: dict[str, float], t0: float) -> None:
-        """eval / log / checkpoint."""
+        """checkpoint, then eval / log. The checkpoint comes first, so a failing eval or tracking store at this
+        step still leaves it; it holds the step's metrics so far, and a resume finishes the report."""
+        self.state.recent_rewards.append(metrics["reward/mean"])
+        metrics["time/step"] = time.perf_counter() - t0  # the eval's time is added by the report
         cfg = self.cfg
-        last = self.state.step == cfg.train.steps
-        self._recent_rewards.append(metrics["reward/mean"])
-        if self.rec.due(cfg.train.eval_every) or last:
+        checkpointed = self.rec.due(cfg.train.checkpoint_every) or self.state.step == cfg.train.steps
+        if checkpointed:
+            tc = time.perf_counter()
+            self.stage_checkpoint(metrics)
+            metrics["time/checkpoint"] = time.perf_counter() - tc
+        self.stage_report(metrics, checkpointed=checkpointed)
+
+    def stage_report(self, metrics: dict[str, float], *, checkpointed: bool) -> None:
+        """eval / log of the step just taken: the eval when due, the metrics row (unless the store has it),
+        the sample grid when due, and the LoRA of the step's checkpoint, if it has one. Deterministic, so a
+        resume can redo it."""
+        cfg = self.cfg
+        if self.rec.due(cfg.train.eval_every) or self.state.step == cfg.train.steps:
             te = time.perf_counter()
             report = self.evaluate()
             metrics.update({f"eval/{k}": v for k, v in report.items()})
             # the generalisation gap: training reward since the last eval against the held-out primary metric;
             # a gap that widens while the training reward rises is the first sign of reward hacking
-            recent = float(np.mean(self._recent_rewards))
+            recent = float(np.mean(self.state.recent_rewards))
             metrics["eval/train_reward_recent"] = recent
             if self.rec.primary in report:
                 metrics["eval/train_minus_heldout"] = recent - report[self.rec.primary]
-            self._recent_rewards.clear()
+            self.state.recent_rewards.clear()
             metrics["time/eval"] = time.perf_counter() - te
-        metrics["time/step"] = time.perf_counter() - t0
+            metrics["time/step"] += metrics["time/eval"]
         self.rec.log_step(metrics)
         if self.rec.due(cfg.train.log_images_every):
             self.rec.log_samples(self.task, self.sample, self.state.step)
-        if self.rec.due(cfg.train.checkpoint_every) or last:
-            self.stage_checkpoint()
+        if checkpointed:
+            self.rec.upload_checkpoint(self.state.step)
 
     # ---- the loop -------------------------------------------------------------------------------
     def run(self, progress: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, Any]:
@@ -454,22 +508,32 @@ class Run:
             if rec.state.step == 0:
                 rec.log_start(self.evaluate())
                 rec.log_samples(self.task, self.sample, 0)
+            elif rec.state.report:  # the checkpoint was written before its step's eval and logging: finish them
+                self.stage_report(dict(rec.state.report), checkpointed=True)
             while rec.state.step < self.cfg.train.steps:
                 metrics = self.train_step()
                 if progress:
                     progress(rec.state.step, metrics)
             return rec.finish(time.time() - start)
         except ResumableError as err:
-            rec.tracker.finish("FAILED")
+            self._mark("FAILED")
             raise type(err)(f"{err}; {self._resume_hint()}") from None
         except Exception:
-            rec.tracker.finish("FAILED")
+            self._mark("FAILED")
             raise
         except BaseException:
-            rec.tracker.finish("KILLED")
+            self._mark("KILLED")
             raise
         finally:
             self.executor.shutdown()
+
+    def _mark(self, status: str) -> None:
+        """End the MLflow run with ``status``; a tracking store that is down (often why the run failed) gets a
+        warning, so the error that stopped the run is the one raised."""
+        try:
+            self.rec.tracker.finish(status)
+        except Exception as err:
+            warnings.warn(f"could not mark MLflow run {self.rec.tracker.run_id} {status}: {err}", stacklevel=2)
 
     def _resume_hint(self) -> str:
         ckpt = latest_checkpoint(self.run_dir)

@@ -10,6 +10,7 @@ class ConfigError(ValueError):
 
 
 class Section(BaseModel):
-    """A config section: unknown keys are errors, values are frozen after validation."""
+    """A config section: unknown keys are errors, values are frozen after validation, and no float is NaN or
+    infinite (``lr: .inf`` or ``timeout_s: .nan`` would pass a bare range check or defeat it)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)

@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from rlflow import builders, fsdp
 from rlflow.config import Config, ConfigError, validate
-from rlflow.learner import StatState, merge_stats
+from rlflow.learner import NonFiniteError, StatState, merge_stats
 from rlflow.run import ResumableError, keeps_previous
 from rlflow.system import keep_freed_memory
 from rlflow.types import LearnerState, Rollout
@@ -188,6 +188,8 @@ class LearnerGroup:
         except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as err:
             if (bad := actor_config_error(err)) is not None:
                 raise bad from None
+            if isinstance(cause := getattr(err, "cause", None), NonFiniteError):  # not a fault: resuming repeats it
+                raise NonFiniteError(str(cause)) from None
             raise LearnerError(f"learner group failed to {what}: {short_error(err)}") from None
 
     def update(self, chunk_refs: list[Any], adv: np.ndarray, seed: int) -> list[Any]:

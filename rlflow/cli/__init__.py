@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from rlflow.checkpoint import CheckpointError
 from rlflow.config import ConfigError
 
 
@@ -32,19 +33,30 @@ def job_tags() -> dict[str, str]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    """Validate, check what the config names (:func:`rlflow.config.check_inputs`; on resume, what it may
+    change: :func:`rlflow.config.check_resume`), then train: nothing is made before those pass."""
     from rewards import build_reward
-    from rlflow.config import load_config
+    from rlflow.builders import model_path
+    from rlflow.config import check_inputs, check_resume, check_run_name, load_config
+    from rlflow.redact import redact_text
 
     overrides = [*args.set, *([f"output_dir={args.output_dir}"] if args.output_dir else [])]
     if args.resume:
         run_dir = _resolve_resume(args.resume, args.output_dir or "runs")
         cfg = load_config(run_dir / "config.yaml", overrides)
+        check_resume(load_config(run_dir / "config.yaml"), cfg, overrides, str(run_dir))
     elif args.config:
         cfg = load_config(args.config, overrides)
         name = os.environ.get("RLFLOW_RUN_NAME")  # set by `rlflow submit`: the MLflow run's name
-        run_dir = Path(cfg.output_dir) / name if name else _run_dir(cfg.output_dir, cfg.name)
+        run_dir = Path(cfg.output_dir) / check_run_name(name, "RLFLOW_RUN_NAME") if name else _run_dir(
+            cfg.output_dir, cfg.name)
     else:
         raise ConfigError("rlflow train needs a CONFIG file, or --resume RUN")
+    check_inputs(cfg, on_ray=not args.in_process)
+    uri = cfg.tracking.tracking_uri or ""
+    if redact_text(uri) != uri:  # MLflow's own "View run at" lines would print its credentials to the logs
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
+    model_path(cfg.model.path)  # a bad model folder fails here, before the model (or any actor) loads
     tags, run_id = job_tags(), os.environ.get("RLFLOW_MLFLOW_RUN_ID")
     signal.signal(signal.SIGTERM, _terminate)  # `rlflow stop` / `ray job stop`: mark the run KILLED
     if args.in_process:
@@ -53,7 +65,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         trainer: Any = Trainer(cfg, build_reward(cfg.reward.name, cfg.reward.kwargs), run_dir, tags=tags, run_id=run_id)
     else:
         from rewards import resolve
-        from rlflow.builders import model_path
         from workers.driver import RayTrainer
         from workers.runtime import connect
 
@@ -62,13 +73,12 @@ def cmd_train(args: argparse.Namespace) -> int:
             if not wd.is_dir():
                 raise ConfigError(f"--working-dir {args.working_dir}: not a directory")
             sys.path.insert(0, str(wd))
-        resolve(cfg.reward.name)  # a bad reward name or model folder fails here, before any actor starts
-        model_path(cfg.model.path)
+        resolve(cfg.reward.name)  # a bad reward name fails here, before any actor starts
         print(f"ray: {connect(cfg, args.address, args.working_dir)}", flush=True)
         trainer = RayTrainer(cfg, run_dir, tags=tags, run_id=run_id)
     if trainer.resumed_from:
         print(f"resuming {run_dir} from {trainer.resumed_from.name} (step {trainer.state.step})")
-    print(f"run folder: {run_dir}\nmlflow run: {trainer.tracker.run_url}", flush=True)
+    print(f"run folder: {run_dir}\nmlflow run: {redact_text(trainer.tracker.run_url)}", flush=True)  # logs are shared
     try:
         summary = trainer.run(progress=_progress_bar(cfg.train.steps, trainer.state.step))
     finally:
@@ -117,7 +127,9 @@ def _print_summary(s: dict) -> None:  # type: ignore[type-arg]
         if key in s:
             print(f"  {key:<27} {s[key]:.3f}")
     print(f"  steps {s['steps']}, wall time this session {s['wall_seconds_this_session']:.0f}s")
-    print(f"  run folder  {s['run_dir']}\n  mlflow run  {s['mlflow_run_url']}")
+    from rlflow.redact import redact_text
+
+    print(f"  run folder  {s['run_dir']}\n  mlflow run  {redact_text(s['mlflow_run_url'])}")
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
@@ -195,6 +207,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (ConfigError, FileNotFoundError) as err:
+    except (ConfigError, FileNotFoundError, CheckpointError) as err:
         print(f"rlflow: error: {err}", file=sys.stderr)
         return 2
