@@ -64,3 +64,15 @@ def test_kind_weights_set_how_often_each_prompt_kind_is_drawn():
     for bad in ((1, 1, 1), (1, -1, 1, 1), (0, 0, 0, 0)):
         with pytest.raises(ValueError, match="kind_weights"):
             sample_specs(np.random.default_rng(0), 4, kind_weights=bad)
+
+
+def test_model_depths_are_settings_of_a_from_scratch_model(tmp_path):
+    from rlflow.cli import main
+
+    out = tmp_path / "deep"
+    assert main(["pretrain", "shapes", "--out", str(out), "--steps", "2", "--eval-every", "100", "--layers", "3",
+                 "--text-layers", "3", "--threads", "1"]) == 0
+    policy = SD3Policy.from_pretrained(str(out))
+    assert len(policy.transformer.transformer_blocks) == 3
+    assert len(policy.text_encoder.text_model.encoder.layers) == 3
+    assert json.loads((out / "pretrain.json").read_text())["settings"]["text_layers"] == 3

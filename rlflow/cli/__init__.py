@@ -144,7 +144,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     out = args.out or str(BASE_DIR)
     given = {"steps": args.steps, "stop_at": args.stop_at, "seed": args.seed, "eval_every": args.eval_every,
              "mislabel_rate": args.mislabel_rate, "init_from": args.init_from, "lr": args.lr,
-             "distill_guidance": args.distill_guidance, "warmup": args.warmup,
+             "distill_guidance": args.distill_guidance, "warmup": args.warmup, "layers": args.layers,
+             "text_layers": args.text_layers,
              "kind_weights": tuple(float(w) for w in args.kind_weights.split(",")) if args.kind_weights else None}
     settings = PretrainSettings(snapshots=args.snapshots, **{k: v for k, v in given.items() if v is not None})
     result = pretrain(out, settings, log=lambda m: print(m, flush=True))
@@ -185,6 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="relative frequency of the single, colour, count and position prompts (default 1,1,1,1)")
     pt.add_argument("--lr", type=float, help="peak learning rate (default 1e-3)")
     pt.add_argument("--warmup", type=int, help="warm-up steps (default 100)")
+    pt.add_argument("--layers", type=int, help="transformer blocks of a model trained from scratch (default 4)")
+    pt.add_argument("--text-layers", type=int, help="text-encoder layers of a model trained from scratch (default 2)")
     pt.add_argument("--snapshots", action="store_true", help="also save the model at every eval")
     pt.add_argument("--seed", type=int)
     pt.add_argument("--eval-every", type=int)

@@ -44,10 +44,10 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def build_text_encoder(width: int = 64) -> CLIPTextModelWithProjection:
+def build_text_encoder(width: int = 64, layers: int = 2) -> CLIPTextModelWithProjection:
     vocab = vocabulary()
     cfg = CLIPTextConfig(
-        vocab_size=len(vocab), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
+        vocab_size=len(vocab), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
         num_attention_heads=4, max_position_embeddings=MAX_TOKENS, projection_dim=width,
         pad_token_id=vocab.index("[PAD]"), bos_token_id=vocab.index("[BOS]"), eos_token_id=vocab.index("[EOS]"),
     )

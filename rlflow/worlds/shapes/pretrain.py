@@ -62,6 +62,7 @@ class PretrainSettings:
     heads: int = 4
     head_dim: int = 24
     layers: int = 4
+    text_layers: int = 2
     ema_decay: float = 0.999
     high_t_weight: float = 0.2  # fraction of each batch with t ~ U(0.6, 1): the layout-deciding noisy times
     # guidance distillation (needs init_from): the student learns the teacher's (the init model's) CFG velocity
@@ -98,7 +99,7 @@ def _init_model(s: PretrainSettings) -> tuple[Any, Any, Any]:
     init_from = s.init_from
     if init_from is None:
         transformer = build_transformer(heads=s.heads, head_dim=s.head_dim, layers=s.layers, patch_size=s.patch_size)
-        return build_tokenizer(), build_text_encoder(), init_for_scratch(transformer)
+        return build_tokenizer(), build_text_encoder(layers=s.text_layers), init_for_scratch(transformer)
     from diffusers import SD3Transformer2DModel
     from transformers import AutoTokenizer, CLIPTextModelWithProjection
 
