@@ -25,7 +25,9 @@ from rlflow.schema import ConfigError
 from rlflow.types import Conditions, Media, RewardFn, RewardOutput, check_finite_reward
 
 _REGISTRY: dict[str, Any] = {}
-_BUILTIN_MODULES = ("rewards.shapes", "rewards.synthetic")
+_BUILTIN_MODULES = (
+    "rewards.shapes", "rewards.synthetic", "rewards.aesthetic", "rewards.clip_score", "rewards.vlm_judge", "rewards.syncnet",
+)
 
 
 def register(name: str) -> Callable[[Any], Any]:
@@ -107,8 +109,9 @@ def build_reward(name: str, kwargs: dict[str, Any] | None = None) -> RewardFn:
     """The reward named by a config: a registered name or ``"package.module:callable"``."""
     obj = _resolve(name)
     kwargs = kwargs or {}
+    fn: Callable[..., Any]
     if inspect.isclass(obj):
-        fn = obj(**kwargs)
+        fn = obj(**kwargs)  # type: ignore[assignment]  # a reward class's instances are callable
     elif kwargs:
         fn = functools.partial(obj, **kwargs)
     else:

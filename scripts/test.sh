@@ -4,5 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 .venv/bin/ruff check rlflow workers rewards tests
-.venv/bin/mypy rlflow workers
+.venv/bin/mypy rlflow workers rewards
 .venv/bin/python -m pytest -q "$@"
