@@ -8,6 +8,7 @@ A reward is a callable in one of two forms, told apart by the name of its first 
 Either returns a :class:`rlflow.types.RewardOutput`, or ``[B]`` scores (tensor, array or list).
 Register one with ``@register("name")`` or reference it from a config as ``"package.module:callable"``.
 A class is instantiated with the config's ``reward.kwargs``; a function gets them as keyword arguments.
+A config's ``reward.panel`` names several, fused into one reward (:func:`build_panel`, :mod:`rlflow.panel`).
 """
 
 from __future__ import annotations
@@ -21,12 +22,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from rlflow.config import RewardConfig
+from rlflow.panel import fuse_outputs
 from rlflow.schema import ConfigError
 from rlflow.types import Conditions, Media, RewardFn, RewardOutput, check_finite_reward
 
 _REGISTRY: dict[str, Any] = {}
 _BUILTIN_MODULES = (
     "rewards.shapes", "rewards.synthetic", "rewards.aesthetic", "rewards.clip_score", "rewards.vlm_judge", "rewards.syncnet",
+    "rewards.http",
 )
 
 
@@ -52,21 +56,28 @@ def _load_builtins() -> None:
         importlib.import_module(mod)
 
 
-def resolve(spec: str) -> Any:
-    """The reward class or function ``spec`` names (raises :class:`ConfigError` naming ``reward.name``)."""
-    return _resolve(spec)
+def resolve(spec: str, key: str = "reward.name") -> Any:
+    """The reward class or function ``spec`` names (raises :class:`ConfigError` naming ``key``)."""
+    return _resolve(spec, key)
 
 
-def _resolve(spec: str) -> Any:
+def resolve_all(cfg: RewardConfig) -> None:
+    """Resolve every reward of the config (each panel member's), raising a :class:`ConfigError` naming the
+    first bad one's key (``reward.panel[1].name``)."""
+    for key, m in cfg.members():
+        _resolve(m.name, f"{key}.name")
+
+
+def _resolve(spec: str, key: str = "reward.name") -> Any:
     if ":" in spec:
         module, _, attr = spec.partition(":")
         try:
             return getattr(importlib.import_module(module), attr)
         except (ImportError, AttributeError) as err:
-            raise ConfigError(f"reward.name '{spec}': cannot import it ({err})") from None
+            raise ConfigError(f"{key} '{spec}': cannot import it ({err})") from None
     _load_builtins()
     if spec not in _REGISTRY:
-        raise ConfigError(f"reward.name '{spec}' is not registered; known: {', '.join(sorted(_REGISTRY))} "
+        raise ConfigError(f"{key} '{spec}' is not registered; known: {', '.join(sorted(_REGISTRY))} "
                          "(or use 'package.module:callable')")
     return _REGISTRY[spec]
 
@@ -105,9 +116,10 @@ class NamedReward:
         return out
 
 
-def build_reward(name: str, kwargs: dict[str, Any] | None = None) -> RewardFn:
-    """The reward named by a config: a registered name or ``"package.module:callable"``."""
-    obj = _resolve(name)
+def build_reward(name: str, kwargs: dict[str, Any] | None = None, *, key: str = "reward.name") -> RewardFn:
+    """The reward named by a config: a registered name or ``"package.module:callable"`` (``key``: the config
+    key that names it, for errors)."""
+    obj = _resolve(name, key)
     kwargs = kwargs or {}
     fn: Callable[..., Any]
     if inspect.isclass(obj):
@@ -117,3 +129,35 @@ def build_reward(name: str, kwargs: dict[str, Any] | None = None) -> RewardFn:
     else:
         fn = obj
     return NamedReward(name, fn)
+
+
+class RewardError(RuntimeError):
+    """A member of a reward panel failed: the message names the member (``reward.panel[1] 'aesthetic'``)."""
+
+
+class PanelReward:
+    """A reward panel in this process: every member scores the batch, :func:`rlflow.panel.fuse_outputs`
+    fuses their outputs (``labels``: the members' component names, in order)."""
+
+    def __init__(self, cfg: RewardConfig):
+        self.cfg = cfg
+        self.labels = cfg.labels
+        self.members = [(f"{key} '{m.component}'", build_reward(m.name, m.kwargs, key=f"{key}.name"))
+                        for key, m in cfg.members()]
+
+    def __call__(self, media: Media, conditions: Conditions) -> RewardOutput:
+        outputs = []
+        for who, fn in self.members:
+            try:
+                outputs.append(fn(media, conditions))
+            except Exception as err:
+                raise RewardError(f"{who}: {type(err).__name__}: {err}") from err
+        return fuse_outputs(self.cfg, outputs)
+
+
+def build_panel(cfg: RewardConfig) -> RewardFn:
+    """The reward of a config's ``reward`` section: the one reward (:func:`build_reward`, exactly), or its
+    panel (:class:`PanelReward`)."""
+    if not cfg.is_panel:
+        return build_reward(cfg.name, cfg.kwargs)
+    return PanelReward(cfg)

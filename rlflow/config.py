@@ -11,11 +11,18 @@ import copy
 import os
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union, get_args
 
 import torch
 import yaml
-from pydantic import AfterValidator, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    Field,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from rlflow.algos import ALGORITHMS
 from rlflow.algos.base import AlgoSection
@@ -134,8 +141,8 @@ class SamplingConfig(_Section):
         return self
 
 
-class RewardConfig(_Section):
-    """The reward and its server pool (Ray runtime: ``replicas`` actors, each scoring batches of at most
+class RewardServerConfig(_Section):
+    """One reward and its server pool (Ray runtime: ``replicas`` actors, each scoring batches of at most
     ``max_batch_size`` images; a call that takes longer than ``timeout_s`` is retried ``retries`` times)."""
 
     name: str = Field("shapes_geneval", min_length=1,
@@ -148,6 +155,75 @@ class RewardConfig(_Section):
     num_cpus: float = Field(1.0, ge=0)
     num_gpus: Gpus = 0.0
     runtime_env: dict[str, Any] = Field(default_factory=dict, description="a Ray runtime_env for the reward's actors")
+
+
+SERVER_KEYS = tuple(RewardServerConfig.model_fields)
+
+
+class PanelMember(RewardServerConfig):
+    """A reward of a panel (``reward.panel``): a reward server of its own, with its ``weight`` in the fusion
+    and its ``label``, the name its score is logged under (default: the reward's name)."""
+
+    weight: float = Field(1.0, ge=0, description="the member's weight w_i in the fusion (ALGORITHMS.md 7)")
+    label: str | None = Field(None, min_length=1, description="the component name (default: name); unique")
+
+    @property
+    def component(self) -> str:
+        return self.label or self.name
+
+
+class RewardConfig(RewardServerConfig):
+    """The reward: one reward server (the keys above), or a panel of them (``panel``) fused at the reward or
+    the advantage level (``fusion``, ALGORITHMS.md 7). A config without a panel is a panel of one; with one,
+    the reward-server keys go on each member (the top-level ones are not read)."""
+
+    panel: list[PanelMember] | None = Field(
+        None, min_length=1, description="several rewards, each with its own weight and server pool")
+    fusion: Literal["reward", "advantage"] = Field(
+        "reward", description="reward: A = normalise(sum_i w_i r_i); advantage: A = sum_i w_i normalise(r_i)")
+
+    @model_validator(mode="after")
+    def _panel(self) -> RewardConfig:
+        if self.panel is None:
+            return self
+        if stray := [k for k in SERVER_KEYS if k in self.model_fields_set]:
+            keys = ", ".join(f"reward.{k}" for k in stray)
+            raise ValueError(f"{keys}: with reward.panel set, set {'these' if len(stray) > 1 else 'it'} on each "
+                             "panel member (reward.panel[i]." + stray[0] + ")")
+        seen: dict[str, int] = {}
+        for i, m in enumerate(self.panel):
+            if m.component in seen:
+                raise ValueError(f"reward.panel[{i}] and reward.panel[{seen[m.component]}] are both labelled "
+                                 f"{m.component!r}: give each member a unique label (reward.panel[{i}].label)")
+            seen[m.component] = i
+        if not any(m.weight > 0 for m in self.panel):
+            raise ValueError("reward.panel: every weight is 0; give at least one member a weight above 0")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: Any) -> dict[str, Any]:
+        """A panel's dump leaves out the unread top-level server keys, so it validates again."""
+        out: dict[str, Any] = handler(self)
+        if self.panel is not None:
+            for k in SERVER_KEYS:
+                out.pop(k, None)
+        return out
+
+    @property
+    def is_panel(self) -> bool:
+        return self.panel is not None
+
+    def members(self) -> list[tuple[str, PanelMember]]:
+        """``(key, member)`` of every reward: ``("reward.panel[i]", member)`` of a panel, or
+        ``("reward", the single reward as a member of weight 1)``; ``key`` prefixes the member's config keys
+        in messages."""
+        if self.panel is not None:
+            return [(f"reward.panel[{i}]", m) for i, m in enumerate(self.panel)]
+        return [("reward", PanelMember(**{k: getattr(self, k) for k in SERVER_KEYS}))]
+
+    @property
+    def labels(self) -> list[str]:
+        return [m.component for _, m in self.members()]
 
 
 # The algorithm section is a tagged union of the registered algorithms' sections (rlflow/algos/*.py).
@@ -273,41 +349,72 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set expects key=value, got {item!r}")
-        node = out
+        node: Any = out
         parts = key.split(".")
         for p in parts[:-1]:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
+            node = _item(node, p, key) if isinstance(node, list) else node.setdefault(p, {})
+            if not isinstance(node, dict | list):
                 raise ConfigError(f"--set {key}: '{p}' is not a section")
         try:
-            node[parts[-1]] = yaml.safe_load(value)
+            parsed = yaml.safe_load(value)
         except yaml.YAMLError as err:
             why = getattr(err, "problem", None) or " ".join(str(err).split())
             raise ConfigError(f"--set {key}: {value!r} is not valid YAML ({why})") from None
+        if isinstance(node, list):
+            _item(node, parts[-1], key)
+            node[int(parts[-1])] = parsed
+        else:
+            node[parts[-1]] = parsed
     return out
+
+
+def _item(node: list[Any], part: str, key: str) -> Any:
+    """Item ``part`` of a list in a ``--set`` key (``reward.panel.1.replicas=4``)."""
+    if not part.isdigit() or int(part) >= len(node):
+        raise ConfigError(f"--set {key}: '{part}' is not an index of a list of {len(node)} items")
+    return node[int(part)]
 
 
 def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
     """The keys allowed in the section that holds ``loc`` (``loc`` may carry an algo tag)."""
     model: Any = Config
     for part in loc[:-1]:
-        if part == "algo":
-            continue  # a tagged union: the next part of loc is the algorithm's name
+        if part == "algo" or isinstance(part, int):
+            continue  # a tagged union: the next part of loc is the algorithm's name; a list: its item
         if part in _ALGOS:
             model = _ALGOS[part]
             continue
         field = model.model_fields.get(part) if isinstance(part, str) else None
-        if field is None or not hasattr(field.annotation, "model_fields"):
+        inner = _section_of(field.annotation) if field is not None else None
+        if inner is None:
             return []
-        model = field.annotation
+        model = inner
     return sorted(model.model_fields)
+
+
+def _section_of(annotation: Any) -> Any:
+    """The section class an annotation holds: itself, or the item of ``list[Section] | None``."""
+    if hasattr(annotation, "model_fields"):
+        return annotation
+    for arg in get_args(annotation):
+        if (found := _section_of(arg)) is not None:
+            return found
+    return None
+
+
+def _key(loc: tuple[Any, ...]) -> str:
+    """``reward.panel[1].weight`` for the location ``("reward", "panel", 1, "weight")``."""
+    out = ""
+    for p in loc:
+        out += f"[{p}]" if isinstance(p, int) else f".{p}" if out else str(p)
+    return out
 
 
 def _format(err: ValidationError, source: str) -> str:
     lines = []
     for e in err.errors():
         loc = tuple(p for p in e["loc"] if p not in _ALGOS)
-        key = ".".join(str(p) for p in loc) or "(top level)"
+        key = _key(loc) or "(top level)"
         if e["type"] == "extra_forbidden":
             lines.append(f"  {key}: unknown key (allowed here: {', '.join(_allowed_keys(tuple(e['loc'])))})")
         else:
@@ -404,7 +511,8 @@ def check_device(cfg: Config, *, on_ray: bool) -> None:
 
 # A resumed run may change how long it runs and how it is executed, tracked and checkpointed, and rotate
 # credentials; anything else (seed, model, data, sampling, reward maths, algo, optimizer, eval) would make it
-# another run than the one its checkpoints belong to.
+# another run than the one its checkpoints belong to. A panel member's keys (``reward.panel.<i>.<key>``) are
+# judged as the same key of a single reward (``reward.<key>``): its pool may change, its weight may not.
 RESUMABLE = (
     "output_dir", "train.steps", "train.eval_every", "train.checkpoint_every", "train.log_images_every",
     "train.threads", "tracking", "ray", "reward.replicas", "reward.max_batch_size", "reward.timeout_s",
@@ -413,35 +521,51 @@ RESUMABLE = (
 NOT_RESUMABLE = ("ray.pipeline",)  # one_step_off trains on rollouts one policy version old: other maths
 # Keys that name code to import or packages to install: on resume they change only when --set names them.
 CODE_KEYS = ("reward.name", "reward.runtime_env")
+_MEMBER = re.compile(r"^reward\.panel\.\d+\.")
 
 
-def _under(key: str, prefixes: tuple[str, ...]) -> bool:
+def _under(key: str, prefixes: tuple[str, ...], *, member_as_reward: bool = True) -> bool:
+    if member_as_reward:
+        key = _MEMBER.sub("reward.", key)  # a panel member's key counts as the single reward's
     return any(key == p or key.startswith(p + ".") for p in prefixes)
 
 
 def _leaves(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, list) and node and prefix == "reward.panel.":  # members by index: reward.panel.1.weight
+        node = {str(i): m for i, m in enumerate(node)}
     if isinstance(node, dict) and node:
         return {k: v for name, sub in node.items() for k, v in _leaves(sub, f"{prefix}{name}.").items()}
     return {prefix[:-1]: node}
+
+
+def _panel_shape(cfg: Config) -> list[str] | None:
+    return None if cfg.reward.panel is None else cfg.reward.labels
 
 
 def check_resume(original: Config, resumed: Config, overrides: list[str], run_dir: str) -> None:
     """Refuse a resume whose ``--set`` ``overrides`` change the run: a key outside :data:`RESUMABLE` (a
     string under a secret-looking key of ``reward.kwargs``, e.g. ``api_key``, may change: a rotated
     credential), or a key of :data:`CODE_KEYS` changed by any ``--set`` but one naming it (or a key below
-    it), e.g. ``--set reward={...}``."""
+    it), e.g. ``--set reward={...}``. A reward panel's members (their number and labels), weights and
+    ``reward.fusion`` are the run's maths; each member's pool keys may change (``--set reward.panel.1.replicas=4``)."""
+    if _panel_shape(original) != _panel_shape(resumed):
+        raise ConfigError(
+            f"--resume {run_dir}: reward.panel would change from {_panel_shape(original)} to "
+            f"{_panel_shape(resumed)} (the members of a reward panel are the run's reward: start a new run)"
+        )
     before, after = _leaves(to_dict(original)), _leaves(to_dict(resumed))
     named = [o.partition("=")[0].strip() for o in overrides]
     changed = [k for k in sorted(before.keys() | after.keys()) if before.get(k, ()) != after.get(k, ())]
     # a --set names k when it names k, a section above it, or (k an emptied section) a key below it
     code = [k for k in changed if _under(k, CODE_KEYS) and not any(
-        _under(n, CODE_KEYS) and (_under(k, (n,)) or _under(n, (k,))) for n in named)]
+        _under(n, CODE_KEYS) and (_under(k, (n,), member_as_reward=False) or _under(n, (k,), member_as_reward=False))
+        for n in named)]
     if code:
         raise ConfigError(
             f"--resume {run_dir}: {', '.join(code)} would differ from the run's config.yaml; it names code to import "
             "or packages to install, so a resumed run changes it only when --set names it (--set reward.name=...)"
         )
-    rotated = [k for k in changed if k.startswith("reward.kwargs.") and is_secret_key(k.rsplit(".", 1)[-1])
+    rotated = [k for k in changed if _under(k, ("reward.kwargs",)) and is_secret_key(k.rsplit(".", 1)[-1])
                and isinstance(before.get(k), str) and isinstance(after.get(k), str)]
     other = [k for k in changed if not _under(k, CODE_KEYS) and k not in rotated
              and (not _under(k, RESUMABLE) or _under(k, NOT_RESUMABLE))]
@@ -449,5 +573,6 @@ def check_resume(original: Config, resumed: Config, overrides: list[str], run_di
         allowed = ", ".join(f"{k}.*" if k in ("tracking", "ray") else k for k in RESUMABLE)
         raise ConfigError(
             f"--resume {run_dir}: {', '.join(other)} cannot change on resume (a different run: start a new one); "
-            f"a resumed run may change {allowed} (not {', '.join(NOT_RESUMABLE)}) and credentials in reward.kwargs"
+            f"a resumed run may change {allowed} (not {', '.join(NOT_RESUMABLE)}; a panel member's too, as "
+            "reward.panel.<i>.replicas) and credentials in reward.kwargs"
         )

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from rlflow import builders
-from rlflow.config import Config
+from rlflow.config import Config, ConfigError
 from rlflow.run import Collected, StepBatch, keeps_previous
 from rlflow.types import Conditions, LearnerState, Media, RewardFn, RewardOutput, Rollout
 
@@ -30,6 +30,11 @@ class InProcessExecutor:
     """Sampler, learner and reward as objects in this process."""
 
     def __init__(self, cfg: Config, reward: RewardFn) -> None:
+        if cfg.reward.is_panel and getattr(reward, "labels", None) != cfg.reward.labels:
+            raise ConfigError(
+                f"reward.panel {cfg.reward.labels}: the run was given a reward that is not this panel; build it "
+                "with rewards.build_panel(cfg.reward)"
+            )
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         self.cfg, self.reward = cfg, reward

@@ -3,7 +3,7 @@
     prompts      the seeded conditions of step k (``group_size`` copies of each)
     rollout      the pipeline mode launches it on the executor (now, or one step ahead)
     score        the executor collects the rollout and its rewards
-    advantages   group-normalised (ALGORITHMS.md section 0)
+    advantages   group-normalised (ALGORITHMS.md section 0; a reward panel's fusion: section 7)
     update       the learner(s) run the algorithm's loss; the policy version advances
     sync         the new sampling weights reach the samplers
     checkpoint   a resumable checkpoint, written first so that a failing eval or tracking store cannot lose it
@@ -31,7 +31,6 @@ import torch
 import yaml
 
 from rlflow import builders
-from rlflow.algos import group_advantages
 from rlflow.checkpoint import (
     TrainState,
     adapter_files,
@@ -43,6 +42,7 @@ from rlflow.checkpoint import (
 )
 from rlflow.config import Config, to_dict
 from rlflow.learner import NonFiniteError
+from rlflow.panel import panel_advantages
 from rlflow.redact import redact, redact_text
 from rlflow.seeding import step_seed
 from rlflow.stats import paired_bootstrap
@@ -413,7 +413,9 @@ class Run:
         return self.executor.launch(step, self.stage_prompts(step), step_seed(self.cfg.seed, step, 1), version)
 
     def stage_advantages(self, rewards: RewardOutput, group_ids: torch.Tensor) -> torch.Tensor:
-        return group_advantages(rewards.score, group_ids, global_std=self.cfg.algo.global_std)
+        """Group-normalised advantages; a reward panel's fused at the reward or the advantage level
+        (``reward.fusion``, :func:`rlflow.panel.panel_advantages`)."""
+        return panel_advantages(self.cfg.reward, rewards, group_ids, global_std=self.cfg.algo.global_std)
 
     def stage_update(self, got: Collected, adv: torch.Tensor, step: int) -> dict[str, float]:
         """The learner's update; a NaN or inf loss or gradient stops the run here, before its optimizer step,

@@ -51,10 +51,10 @@ def _stage_means(tracking_uri: str, run_id: str) -> dict[str, float]:
 
 
 def _run_in_process(cfg: Config, run_dir: Path) -> dict[str, float]:
-    from rewards import build_reward
+    from rewards import build_panel
     from rlflow.trainer import Trainer
 
-    trainer = Trainer(cfg, build_reward(cfg.reward.name, cfg.reward.kwargs), run_dir)
+    trainer = Trainer(cfg, build_panel(cfg.reward), run_dir)
     trainer.run()
     return _stage_means(trainer.tracker.tracking_uri, trainer.tracker.run_id)
 

@@ -34,7 +34,7 @@ from rlflow.types import Conditions, LearnerState, Media, RewardOutput
 from workers.learner import LearnerGroup, actor_config_error
 from workers.messages import ChunkStatus, from_wire, to_wire
 from workers.placement import Placement, shared_gpus
-from workers.reward_server import RewardPool
+from workers.reward_server import RewardPanel
 from workers.runtime import ActorGone, actor_threads, await_alive
 from workers.sampler import SamplerActor
 from workers.transport import (
@@ -78,7 +78,8 @@ class RayJob:
 
 
 class RayExecutor:
-    """Sampler actors, a reward pool and a learner group on the connected Ray cluster."""
+    """Sampler actors, a reward pool per reward (:class:`RewardPanel`) and a learner group on the connected
+    Ray cluster."""
 
     def __init__(self, cfg: Config, *, scores_each_chunk: bool = True) -> None:
         self.cfg = cfg
@@ -88,7 +89,7 @@ class RayExecutor:
         self.placement: Placement | None = Placement(cfg.ray, name=self.prefix)
         self.samplers: list[Any] = []
         self.learners: LearnerGroup | None = None
-        self.rewards: RewardPool | None = None
+        self.rewards: RewardPanel | None = None
         self._open: dict[int, RayJob] = {}  # launched, not yet collected
         self._has_previous = False
         self._on_chunk: Callable[[RayJob, _Chunk], None] = self._score_chunk if scores_each_chunk else _nothing
@@ -107,8 +108,8 @@ class RayExecutor:
         cfg = self.cfg
         assert self.placement is not None
         raw = cfg.model_dump(mode="json")
-        self.rewards = RewardPool(
-            cfg.reward, name_prefix=self.prefix, threads=actor_threads(cfg, cfg.reward.num_cpus),
+        self.rewards = RewardPanel(
+            cfg.reward, name_prefix=self.prefix, threads=lambda cpus: actor_threads(cfg, cpus),
             reserved=self.placement.plan.total(),
         )
         res = cfg.ray.sampler
@@ -144,7 +145,7 @@ class RayExecutor:
             raise RuntimeError("the learner group is shut down")
         return self.learners
 
-    def _pool(self) -> RewardPool:
+    def _pool(self) -> RewardPanel:
         if self.rewards is None:
             raise RuntimeError("the reward pool is shut down")
         return self.rewards

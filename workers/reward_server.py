@@ -1,5 +1,6 @@
 """Reward servers: a plain :class:`RewardServer` (batching and checks around a reward plug-in), its Ray actor,
-and the driver-side :class:`RewardPool` (replicas, per-call timeouts, retries, restarts).
+the driver-side :class:`RewardPool` (replicas, per-call timeouts, retries, restarts), and the
+:class:`RewardPanel` of one pool per reward of the config (``reward.panel``), whose outputs it fuses.
 
 Failure policy: a replica that dies is restarted by Ray and the call is redone; a call that outlives its
 deadline is retried (the hung replica is killed and restarted) and after ``retries`` retries fails the step
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +20,8 @@ import ray
 import torch
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
-from rlflow.config import ConfigError, RewardConfig
+from rlflow.config import ConfigError, RewardConfig, RewardServerConfig
+from rlflow.panel import fuse_outputs
 from rlflow.types import Conditions, Media, RewardOutput
 from workers.messages import from_wire, to_wire
 from workers.runtime import ActorGone, await_alive
@@ -31,13 +34,15 @@ class RewardServerError(RuntimeError):
 class RewardServer:
     """Scores images with one reward plug-in in batches of at most ``max_batch_size``."""
 
-    def __init__(self, name: str, kwargs: dict[str, Any], max_batch_size: int, replica: int = 0, threads: int = 0):
+    def __init__(self, name: str, kwargs: dict[str, Any], max_batch_size: int, replica: int = 0, threads: int = 0,
+                 key: str = "reward", label: str | None = None):
         from rewards import build_reward
 
         if threads:
             torch.set_num_threads(threads)
         self.name, self.replica, self.max_batch_size = name, replica, max_batch_size
-        self.fn = build_reward(name, kwargs)
+        self.who = _who(key, label or name)
+        self.fn = build_reward(name, kwargs, key=f"{key}.name")
 
     def score(self, media: Media, conditions: Conditions) -> RewardOutput:
         """Wire :class:`Media` and :class:`Conditions` -> a wire :class:`RewardOutput`, in batches."""
@@ -49,7 +54,7 @@ class RewardServer:
                 parts.append(self.fn(media.index(sl), conditions.index(sl)))
             except Exception as err:
                 raise RewardServerError(
-                    f"reward server '{self.name}' (replica {self.replica}) failed on samples "
+                    f"{self.who} (replica {self.replica}) failed on samples "
                     f"{i}..{min(i + self.max_batch_size, len(conditions)) - 1}: {type(err).__name__}: {err}"
                 ) from err
         return to_wire(RewardOutput.cat(parts))
@@ -84,14 +89,28 @@ class _Call:
     pid: int | None = None  # the replica incarnation the call went to
 
 
-class RewardPool:
-    """``cfg.replicas`` reward actors; calls are spread round-robin and collected with :meth:`poll`."""
+def _safe(label: str) -> str:
+    """A reward's label as part of an actor name."""
+    return "".join(c if c.isalnum() else "-" for c in label)
 
-    def __init__(self, cfg: RewardConfig, *, name_prefix: str, threads: int = 0, reserved: dict[str, float] | None = None):
-        self.cfg = cfg
-        self.label = cfg.name
-        _check_fits(cfg, reserved or {})
-        safe = "".join(c if c.isalnum() else "-" for c in cfg.name)
+
+def _who(key: str, label: str) -> str:
+    """How messages name a reward: ``reward server 'name'``, or a panel member's ``reward.panel[1] 'label'``."""
+    return f"reward server '{label}'" if key == "reward" else f"{key} '{label}'"
+
+
+class RewardPool:
+    """``cfg.replicas`` reward actors; calls are spread round-robin and collected with :meth:`poll`.
+
+    ``key``: the config keys of this reward in messages (``reward``, or a panel member's ``reward.panel[1]``);
+    ``label``: its name in messages and in its actors' names (default: the reward's name)."""
+
+    def __init__(self, cfg: RewardServerConfig, *, name_prefix: str, threads: int = 0, key: str = "reward",
+                 label: str | None = None):
+        self.cfg, self.key = cfg, key
+        self.label = label or cfg.name
+        self.who = _who(key, self.label)
+        safe = _safe(self.label)
         options: dict[str, Any] = {
             "num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus, "max_restarts": -1, "max_task_retries": 0,
         }
@@ -99,7 +118,7 @@ class RewardPool:
             options["runtime_env"] = cfg.runtime_env
         self.actors = [
             RewardActor.options(name=f"{name_prefix}-reward-{safe}-{i}", **options).remote(  # type: ignore[attr-defined]
-                cfg.name, cfg.kwargs, cfg.max_batch_size, i, threads
+                cfg.name, cfg.kwargs, cfg.max_batch_size, i, threads, key, self.label
             )
             for i in range(cfg.replicas)
         ]
@@ -112,11 +131,11 @@ class RewardPool:
         try:
             self._pids = list(ray.get([a.pid.remote() for a in self.actors], timeout=timeout))
         except RayActorError as err:
-            raise RewardServerError(f"reward server '{self.label}' could not start: {_cause(err)}") from None
+            raise RewardServerError(f"{self.who} could not start: {_cause(err)}") from None
         except GetTimeoutError:
             raise RewardServerError(
-                f"reward server '{self.label}' did not start within {timeout:g}s (no free resources for "
-                f"reward.num_cpus={self.cfg.num_cpus:g} / num_gpus={self.cfg.num_gpus:g}?)"
+                f"{self.who} did not start within {timeout:g}s (no free resources for "
+                f"{self.key}.num_cpus={self.cfg.num_cpus:g} / num_gpus={self.cfg.num_gpus:g}?)"
             ) from None
 
     # ---- calls
@@ -181,7 +200,7 @@ class RewardPool:
             return
         try:
             self._pids[replica] = await_alive(
-                self.actors[replica], f"reward server '{self.label}' replica {replica}", not_pid=dead_pid
+                self.actors[replica], f"{self.who} replica {replica}", not_pid=dead_pid
             )
         except ActorGone as err:
             raise RewardServerError(str(err)) from None
@@ -190,8 +209,8 @@ class RewardPool:
         call.attempts += 1
         if call.attempts > self.cfg.retries:
             raise RewardServerError(
-                f"reward server '{self.label}': a batch of {len(call.conditions)} samples {why} "
-                f"on {call.attempts} tries (reward.timeout_s={self.cfg.timeout_s:g}, reward.retries={self.cfg.retries})"
+                f"{self.who}: a batch of {len(call.conditions)} samples {why} on {call.attempts} tries "
+                f"({self.key}.timeout_s={self.cfg.timeout_s:g}, {self.key}.retries={self.cfg.retries})"
             )
         call.replica = (call.replica + 1) % len(self.actors)
         self._dispatch(call)
@@ -232,16 +251,105 @@ class RewardPool:
             ray.kill(a, no_restart=True)
 
 
+class RewardPanel:
+    """One :class:`RewardPool` per reward of ``cfg`` (a config without ``reward.panel``: one pool, as ever),
+    with the pool's interface: a call is sent to every member and :meth:`pop` returns the members' outputs
+    fused (:func:`rlflow.panel.fuse_outputs`). ``threads``: torch threads of an actor of ``num_cpus`` CPUs."""
+
+    def __init__(self, cfg: RewardConfig, *, name_prefix: str, threads: Callable[[float], int] = lambda _: 0,
+                 reserved: dict[str, float] | None = None):
+        self.cfg = cfg
+        _check_fits(cfg, reserved or {})
+        self.pools: list[RewardPool] = []
+        taken: set[str] = set()
+        try:
+            for i, (key, m) in enumerate(cfg.members()):
+                # actors are named <prefix>-reward-<label>-<replica>; labels that read alike get the member's index
+                safe = _safe(m.component)
+                prefix = name_prefix if safe not in taken else f"{name_prefix}-{i}"
+                taken.add(safe)
+                self.pools.append(RewardPool(m, name_prefix=prefix, threads=threads(m.num_cpus), key=key,
+                                             label=m.component))
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def ready(self, timeout: float = 600.0) -> None:
+        """Wait until every member's replicas have built their rewards."""
+        for pool in self.pools:
+            pool.ready(timeout)
+
+    def submit(self, key: Any, media: Any, conditions: Conditions) -> None:
+        for pool in self.pools:
+            pool.submit(key, media, conditions)
+
+    def pending_refs(self) -> list[Any]:
+        return [r for pool in self.pools for r in pool.pending_refs()]
+
+    def next_deadline(self) -> float | None:
+        deadlines = [d for pool in self.pools if (d := pool.next_deadline()) is not None]
+        return min(deadlines) if deadlines else None
+
+    def poll(self) -> None:
+        for pool in self.pools:
+            pool.poll()
+
+    def result(self, key: Any) -> RewardOutput | None:
+        outs = [pool.result(key) for pool in self.pools]
+        if any(o is None for o in outs):
+            return None
+        return fuse_outputs(self.cfg, [o for o in outs if o is not None])
+
+    def pop(self, key: Any) -> RewardOutput:
+        return fuse_outputs(self.cfg, [pool.pop(key) for pool in self.pools])
+
+    def discard(self, key: Any) -> None:
+        for pool in self.pools:
+            pool.discard(key)
+
+    def score(self, keyed: list[tuple[Any, Any, Conditions]]) -> list[RewardOutput]:
+        """Blocking convenience: submit ``(key, media_ref, conditions)`` items and wait for all of them."""
+        for key, media, conditions in keyed:
+            self.submit(key, media, conditions)
+        while self.pending_refs():
+            self.wait_some()
+        return [self.pop(key) for key, _, _ in keyed]
+
+    def wait_some(self, max_wait: float = 1.0) -> None:
+        refs = self.pending_refs()
+        if refs:
+            deadline = self.next_deadline() or time.monotonic()
+            timeout = max(0.0, min(max_wait, deadline - time.monotonic()))
+            try:
+                ray.wait(refs, num_returns=1, timeout=timeout)
+            except GetTimeoutError:
+                pass
+        self.poll()
+
+    def shutdown(self) -> None:
+        for pool in self.pools:
+            pool.shutdown()
+
+
+def reward_resources(cfg: RewardConfig) -> dict[str, float]:
+    """The CPUs and GPUs all of the config's reward actors take (every member's replicas)."""
+    members = [m for _, m in cfg.members()]
+    return {"CPU": sum(m.num_cpus * m.replicas for m in members), "GPU": sum(m.num_gpus * m.replicas for m in members)}
+
+
 def _check_fits(cfg: RewardConfig, reserved: dict[str, float]) -> None:
     """Fail with the config keys to change, instead of waiting forever for resources the cluster does not
-    have (``reserved``: what the samplers' and learners' placement group takes)."""
+    have (``reserved``: what the samplers' and learners' placement group takes). A panel's members count
+    together."""
     total = ray.cluster_resources()
-    for key, need in (("CPU", cfg.num_cpus), ("GPU", cfg.num_gpus)):
+    members = cfg.members()
+    for key, need in reward_resources(cfg).items():
         free = total.get(key, 0.0) - reserved.get(key, 0.0)
-        if need * cfg.replicas > free + 1e-9:
+        if need > free + 1e-9:
+            res = f"num_{key.lower()}s"
+            asks = " + ".join(f"{k}.replicas={m.replicas} x {k}.{res}={getattr(m, res):g}" for k, m in members)
             raise ConfigError(
-                f"reward.replicas={cfg.replicas} x reward.num_{key.lower()}s={need:g} does not fit: the cluster "
-                f"has {free:g} {key} left after the samplers and learners"
+                f"{asks} does not fit: the cluster has {free:g} {key} left after the samplers and learners"
             )
 
 

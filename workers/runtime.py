@@ -31,7 +31,7 @@ def actor_threads(cfg: Config, num_cpus: float) -> int:
 def logical_cpus(cfg: Config) -> int:
     """CPUs an embedded cluster advertises: the machine's cores, or more when the actors ask for more
     (actors of a sync pipeline take turns, so on a laptop they may share cores)."""
-    need = plan(cfg.ray).total().get("CPU", 0.0) + cfg.reward.num_cpus * cfg.reward.replicas
+    need = plan(cfg.ray).total().get("CPU", 0.0) + sum(m.num_cpus * m.replicas for _, m in cfg.reward.members())
     return max(os.cpu_count() or 1, int(need + 0.999))
 
 

@@ -35,7 +35,7 @@ def job_tags() -> dict[str, str]:
 def cmd_train(args: argparse.Namespace) -> int:
     """Validate, check what the config names (:func:`rlflow.config.check_inputs`; on resume, what it may
     change: :func:`rlflow.config.check_resume`), then train: nothing is made before those pass."""
-    from rewards import build_reward
+    from rewards import build_panel
     from rlflow.builders import model_path
     from rlflow.config import check_inputs, check_resume, check_run_name, load_config
     from rlflow.redact import redact_text
@@ -62,9 +62,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.in_process:
         from rlflow.trainer import Trainer
 
-        trainer: Any = Trainer(cfg, build_reward(cfg.reward.name, cfg.reward.kwargs), run_dir, tags=tags, run_id=run_id)
+        trainer: Any = Trainer(cfg, build_panel(cfg.reward), run_dir, tags=tags, run_id=run_id)
     else:
-        from rewards import resolve
+        from rewards import resolve_all
         from workers.driver import RayTrainer
         from workers.runtime import connect
 
@@ -73,7 +73,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             if not wd.is_dir():
                 raise ConfigError(f"--working-dir {args.working_dir}: not a directory")
             sys.path.insert(0, str(wd))
-        resolve(cfg.reward.name)  # a bad reward name fails here, before any actor starts
+        resolve_all(cfg.reward)  # a bad reward name fails here (naming its key), before any actor starts
         print(f"ray: {connect(cfg, args.address, args.working_dir)}", flush=True)
         trainer = RayTrainer(cfg, run_dir, tags=tags, run_id=run_id)
     if trainer.resumed_from:
@@ -198,11 +198,13 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--host", default="127.0.0.1")
     u.add_argument("--port", type=int, default=5000)
     u.set_defaults(func=cmd_ui)
-    from rlflow.cli import bench_cmd, jobs_cmd, sample_cmd
+    from rlflow.cli import bench_cmd, jobs_cmd, sample_cmd, score_cmd, serve_cmd
 
     jobs_cmd.register(sub)
     bench_cmd.register(sub)
     sample_cmd.register(sub)
+    score_cmd.register(sub)
+    serve_cmd.register(sub)
     return p
 
 

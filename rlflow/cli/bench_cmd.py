@@ -1,4 +1,4 @@
-"""``rlflow bench ray-overhead|async|weight-sync``: measured figures of the Ray runtime, printed as JSON."""
+"""``rlflow bench ray-overhead|async|weight-sync|reward-http``: measured figures of the Ray runtime, printed as JSON."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 
 def register(sub: Any) -> None:
     b = sub.add_parser("bench", help="benchmark the Ray runtime (JSON out)")
-    b.add_argument("what", choices=["ray-overhead", "async", "weight-sync"])
+    b.add_argument("what", choices=["ray-overhead", "async", "weight-sync", "reward-http"])
     b.add_argument("--config", default="configs/toy_shapes_dppo.yaml", help="the run config to measure")
     b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     b.add_argument("--steps", type=int, default=0, help="training steps per run (default: 12 / 8)")
@@ -19,6 +19,8 @@ def register(sub: Any) -> None:
     b.add_argument("--repeats", type=int, default=0,
                    help="ray-overhead: interleaved in-process/Ray pairs (default 3); weight-sync: timed repetitions "
                         "(default 10)")
+    b.add_argument("--batch", type=int, default=64, help="reward-http: samples per scored batch")
+    b.add_argument("--port", type=int, default=8000, help="reward-http: Ray Serve's HTTP port")
     b.add_argument("--out", help="also write the JSON here")
     b.set_defaults(func=cmd_bench)
 
@@ -30,6 +32,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)
     if args.what == "ray-overhead":
         result = bench.ray_overhead(cfg, steps=args.steps or 12, repeats=args.repeats or 3)
+    elif args.what == "reward-http":
+        from workers.runtime import connect, disconnect
+        from workers.serve_reward import bench_overhead
+
+        connect(cfg)
+        try:
+            result = bench_overhead(cfg.reward, batch=args.batch, repeats=args.repeats or 5, port=args.port)
+        finally:
+            disconnect()
     elif args.what == "async":
         result = bench.async_overlap(cfg, steps=args.steps or 8, latency=args.latency, replicas=args.replicas)
     else:
