@@ -13,6 +13,8 @@ A config's ``reward.panel`` names several, fused into one reward (:func:`build_p
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import functools
 import importlib
 import inspect
@@ -92,17 +94,29 @@ def takes_media(fn: Callable[..., Any]) -> bool:
 
 
 class NamedReward:
-    """Wraps a user reward: calls it in its form, coerces its output to :class:`RewardOutput`, and rejects a
-    wrong length or a non-finite value, naming the reward."""
+    """Wraps a user reward: calls it in its form (awaiting it when it is ``async``), coerces its output to
+    :class:`RewardOutput`, and rejects a wrong signature, a wrong length or dtype, or a non-finite value,
+    naming the reward."""
 
     def __init__(self, name: str, fn: Callable[..., Any]):
         self.name, self.fn = name, fn
         self.media_form = takes_media(fn)
+        try:
+            sig = inspect.signature(fn)
+        except (TypeError, ValueError):
+            return  # a builtin or C callable: its calls will tell
+        try:
+            sig.bind(None, None)
+        except TypeError:
+            raise ConfigError(f"reward '{name}': a reward takes two arguments, (media, conditions) or (images, "
+                              f"prompts); {getattr(fn, '__name__', type(fn).__name__)}{sig} does not") from None
 
     def __call__(self, media: Media, conditions: Conditions) -> RewardOutput:
         if len(conditions) != media.num_samples:
             raise ValueError(f"reward '{self.name}': {media.num_samples} samples but {len(conditions)} conditions")
         out = self.fn(media, conditions) if self.media_form else self.fn(media.stills, list(conditions.prompts))
+        if inspect.isawaitable(out):
+            out = _await(out)
         if not isinstance(out, RewardOutput):
             try:
                 score = torch.as_tensor(np.asarray(out, dtype=np.float32))
@@ -110,10 +124,26 @@ class NamedReward:
                 raise ValueError(f"reward '{self.name}' returned {type(out).__name__}, expected a RewardOutput or "
                                  f"[B] float scores ({err})") from None
             out = RewardOutput(score=score, components={self.name: score})
-        if out.score.shape != (len(conditions),):
-            raise ValueError(f"reward '{self.name}' returned shape {tuple(out.score.shape)}, expected ({len(conditions)},)")
+        n = len(conditions)
+        for what, t in [("score", out.score), *((f"component '{k}'", v) for k, v in out.components.items())]:
+            if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+                kind = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"reward '{self.name}' returned a {what} of {kind}, expected a float tensor")
+            if t.shape != (n,):
+                raise ValueError(f"reward '{self.name}' returned a {what} of shape {tuple(t.shape)}, expected ({n},)")
         check_finite_reward(out, self.name)
         return out
+
+
+def _await(coro: Any) -> Any:
+    """The result of an ``async`` reward's call: run on a fresh event loop, or on a helper thread when this
+    thread already runs one (an async Ray actor, a notebook)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
 
 
 def build_reward(name: str, kwargs: dict[str, Any] | None = None, *, key: str = "reward.name") -> RewardFn:

@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from rewards import build_reward, register, registered
+from rewards import NamedReward, build_reward, register, registered
 from rlflow.config import ConfigError
-from rlflow.types import Conditions, Media
+from rlflow.types import Conditions, Media, RewardOutput
 from rlflow.worlds.shapes.scene import Obj, render
 
 
@@ -49,12 +49,61 @@ def test_register_rejects_duplicates():
 
 def test_wrong_shape_is_an_error():
     fn = build_reward("tests.plugins.my_rewards:too_short")
-    with pytest.raises(ValueError, match=r"reward 'tests.plugins.my_rewards:too_short' returned shape \(2,\), expected \(3,\)"):
+    with pytest.raises(ValueError, match=r"reward 'tests.plugins.my_rewards:too_short' returned a score of shape \(2,\), expected \(3,\)"):
         _score(fn, _images(3), ["a"] * 3)
     with pytest.raises(ValueError, match=r"reward 'tests.plugins.my_rewards:brightness': 2 samples but 3 conditions"):
         _score(build_reward("tests.plugins.my_rewards:brightness"), _images(2), ["a"] * 3)
     with pytest.raises(ValueError, match=r"reward 'tests.plugins.my_rewards:words' returned str, expected"):
         _score(build_reward("tests.plugins.my_rewards:words"), _images(3), ["a"] * 3)
+
+
+def test_async_rewards_are_awaited():
+    import asyncio
+
+    @register("tests_async_reward")
+    async def brightness_later(images, prompts):
+        await asyncio.sleep(0.01)
+        return images.mean(dim=(1, 2, 3)) * 3
+
+    class AsyncJudge:
+        def __init__(self, offset):
+            self.offset = offset
+
+        async def __call__(self, media, conditions):
+            await asyncio.sleep(0)
+            s = torch.tensor([float(len(p)) + self.offset for p in conditions.prompts])
+            return RewardOutput(score=s, components={"length": s})
+
+    imgs = _images()
+    out = _score(build_reward("tests_async_reward"), imgs, ["a"] * 3)
+    torch.testing.assert_close(out.score, imgs.mean(dim=(1, 2, 3)) * 3)
+    judged = NamedReward("judge", AsyncJudge(0.5))(Media(images=imgs), Conditions.of(["a", "bb", "ccc"]))
+    assert judged.score.tolist() == [1.5, 2.5, 3.5]
+
+    async def inside_a_loop():  # an async caller (e.g. an async actor) already runs an event loop
+        return NamedReward("judge", AsyncJudge(0.0))(Media(images=imgs), Conditions.of(["a", "bb", "ccc"]))
+
+    assert asyncio.run(inside_a_loop()).score.tolist() == [1.0, 2.0, 3.0]
+
+
+def test_wrong_signature_dtype_or_component_shape_is_an_error_naming_the_reward():
+    def three_args(images, prompts, extra):
+        return [0.0] * len(prompts)
+
+    with pytest.raises(ConfigError, match=r"reward 'bad': a reward takes two arguments.*three_args\(images, prompts, extra\)"):
+        NamedReward("bad", three_args)
+    with pytest.raises(ConfigError, match=r"reward 'bad': a reward takes two arguments"):
+        NamedReward("bad", lambda images: images)
+    NamedReward("fine", lambda images, prompts, scale=1.0: [scale] * len(prompts))  # extra defaults are fine
+    ints = NamedReward("ints", lambda i, p: RewardOutput(score=torch.ones(len(p), dtype=torch.int64)))
+    with pytest.raises(ValueError, match=r"reward 'ints' returned a score of torch.int64, expected a float tensor"):
+        ints(Media(images=_images()), Conditions.of(["a"] * 3))
+    short = NamedReward("short", lambda i, p: RewardOutput(score=torch.ones(3), components={"c": torch.ones(2)}))
+    with pytest.raises(ValueError, match=r"reward 'short' returned a component 'c' of shape \(2,\), expected \(3,\)"):
+        short(Media(images=_images()), Conditions.of(["a"] * 3))
+    # plain lists of numbers (ints, bools) are scores: coerced to fp32
+    out = NamedReward("flags", lambda i, p: [True, False, 1])(Media(images=_images()), Conditions.of(["a"] * 3))
+    assert out.score.dtype == torch.float32 and out.score.tolist() == [1.0, 0.0, 1.0]
 
 
 def test_media_form_reward_sees_video_and_conditions():
