@@ -6,10 +6,11 @@ user path (``AutoProcessor`` / ``AutoModelForImageTextToText.from_pretrained(fol
 Qwen2.5-VL is not used because their processors need torchvision (their video processor) in transformers
 5.x, and the CPU environment does not install it.
 
-The ``openai`` backend is tested against a real HTTP server on loopback that follows the OpenAI
-chat-completions schema and is backed by the same tiny model (:class:`ChatServer`). It is a STAND-IN:
-``transformers serve`` would be the real thing, but it needs the ``openai`` package (its
-``is_serve_available()`` checks pydantic, fastapi, uvicorn AND openai), which the environment does not have.
+The ``openai`` backend is tested against ``transformers serve`` (transformers' own OpenAI-compatible server,
+the ``transformers[serving]`` extra) over the same tiny model: the rubric answers match the in-process ones.
+That server ignores ``logprobs``, so ``yes_prob`` over HTTP, the key handling, the retries and the malformed
+answers are tested against :class:`ChatServer`, a STAND-IN that follows the OpenAI chat-completions schema
+(with ``logprobs`` / ``top_logprobs``, as vLLM and OpenAI answer) and is backed by the same tiny model.
 """
 
 from __future__ import annotations
@@ -580,3 +581,73 @@ def test_vllm_backend_against_a_fake_engine(tiny_vlm, loaded, monkeypatch):
         "vlm_judge", *judge.fn.questions["vlm_judge"], [tensor_to_pil(x) for x in media.images], None, conds)[0],
         None), tokenize=False, add_generation_prompt=True)
     assert first["prompt"] == expected and isinstance(first["multi_modal_data"]["image"], Image.Image)
+
+
+# ---- a real OpenAI-compatible server: `transformers serve` over the tiny model saved locally
+
+
+@pytest.fixture(scope="module")
+def transformers_serve(tiny_vlm, tmp_path_factory):
+    """``transformers serve`` (FastAPI + uvicorn, transformers' own OpenAI-compatible server) on loopback,
+    serving the tiny random VLM from its folder; its chat endpoint answers text but refuses ``logprobs``."""
+    import os
+    import subprocess
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    exe = os.path.join(os.path.dirname(sys.executable), "transformers")
+    log = open(tmp_path_factory.mktemp("serve") / "serve.log", "w")  # noqa: SIM115  (closed below)
+    proc = subprocess.Popen([exe, "serve", tiny_vlm, "--host", "127.0.0.1", "--port", str(port)],
+                            stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 180
+    try:
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"transformers serve did not start (exit {proc.poll()}); see {log.name}")
+            time.sleep(1)
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
+
+
+def test_openai_backend_against_transformers_serve(tiny_vlm, transformers_serve, monkeypatch):
+    """Through a real server the rubric answers are the in-process model's (both greedy, the images sent as
+    PNG data URLs). transformers serve ignores ``logprobs`` (its answer has none): for ``yes_prob`` that is
+    an error naming the reward, the sample and the server, never a score."""
+    monkeypatch.setenv("JUDGE_TEST_KEY", SECRET)
+    media, conds = _batch(3)
+    remote = build_reward("vlm_judge", {"model": tiny_vlm, "backend": "openai", "base_url": transformers_serve,
+                                        "api_key_env": "JUDGE_TEST_KEY", "mode": "rubric", "max_new_tokens": 4,
+                                        "retry_backoff_s": 0.0})
+    local = _judge(tiny_vlm, mode="rubric", max_new_tokens=4)
+    texts = []
+    for judge in (remote, local):
+        inner = judge.fn
+        queries = inner._queries("vlm_judge", *inner.questions["vlm_judge"],
+                                 [tensor_to_pil(x) for x in media.images], None, conds)
+        texts.append(inner.backend.generate(queries, 4))
+    assert texts[0] == texts[1] and all(texts[0])
+    try:
+        expected = local(media, conds).score
+    except RubricParseError as err:  # the random model's text has no number: the same named error both ways
+        with pytest.raises(RubricParseError) as remote_err:
+            remote(media, conds)
+        assert str(remote_err.value) == str(err)
+    else:
+        torch.testing.assert_close(remote(media, conds).score, expected)
+    yes_no = build_reward("vlm_judge", {"model": tiny_vlm, "backend": "openai", "base_url": transformers_serve,
+                                        "api_key_env": "JUDGE_TEST_KEY", "max_retries": 0})
+    with pytest.raises(VLMAnswerError, match=r"reward 'vlm_judge', sample 0 .*malformed answer from "
+                       r"http://127.0.0.1:\d+/v1/chat/completions \(no first-token logprobs") as err:
+        yes_no(media, conds)
+    assert SECRET not in str(err.value)
