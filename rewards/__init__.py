@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import functools
 import importlib
 import inspect
@@ -23,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from rlflow.config import RewardConfig
 from rlflow.panel import fuse_outputs
@@ -117,6 +119,8 @@ class NamedReward:
         out = self.fn(media, conditions) if self.media_form else self.fn(media.stills, list(conditions.prompts))
         if inspect.isawaitable(out):
             out = _await(out)
+        if isinstance(out, torch.Tensor):  # kept a tensor: a differentiable reward's graph survives
+            out = RewardOutput(score=out.to(torch.float32), components={self.name: out.to(torch.float32)})
         if not isinstance(out, RewardOutput):
             try:
                 score = torch.as_tensor(np.asarray(out, dtype=np.float32))
@@ -131,6 +135,55 @@ class NamedReward:
                 raise ValueError(f"reward '{self.name}' returned a {what} of {kind}, expected a float tensor")
             if t.shape != (n,):
                 raise ValueError(f"reward '{self.name}' returned a {what} of shape {tuple(t.shape)}, expected ({n},)")
+        check_finite_reward(out, self.name)
+        return out
+
+    @property
+    def differentiable(self) -> bool:
+        """Whether the reward declares itself differentiable (``differentiable = True`` on it)."""
+        return bool(getattr(self.fn, "differentiable", False))
+
+    def score_and_grad(self, media: Media, conditions: Conditions) -> tuple[RewardOutput, Tensor]:
+        """The (detached) rewards and ``d score / d pixels``, shaped like the media's images or video.
+
+        A differentiable reward either is a torch-differentiable function of the pixels (the gradient is taken
+        by autograd through its call) or has a ``gradient(media, conditions) -> (scores, grad)`` method of its
+        own (e.g. a reward served elsewhere that returns its gradient).
+        """
+        if not self.differentiable:
+            raise TypeError(f"reward '{self.name}' is not differentiable: a reward declares it with "
+                            "`differentiable = True` (and is a torch function of the pixels, or has a gradient method)")
+        pixels = media.images if media.images is not None else media.video
+        assert pixels is not None
+        own = getattr(self.fn, "gradient", None)
+        if own is not None:
+            scores, grad = own(media, conditions)
+            out = self._checked(scores, len(conditions))
+        else:
+            x = pixels.detach().clone().requires_grad_(True)
+            with torch.enable_grad():
+                traced = dataclasses.replace(media, images=x) if media.images is not None else dataclasses.replace(
+                    media, video=x)
+                out = self(traced, conditions)
+                if not out.score.requires_grad:
+                    raise ValueError(f"reward '{self.name}' declares itself differentiable, but its score has no "
+                                     "gradient with respect to the pixels (computed outside torch, or detached)")
+                (grad,) = torch.autograd.grad(out.score.sum(), x)
+        grad = torch.as_tensor(grad, dtype=torch.float32)
+        if grad.shape != pixels.shape:
+            raise ValueError(f"reward '{self.name}' returned a gradient of shape {tuple(grad.shape)}, expected "
+                             f"{tuple(pixels.shape)}")
+        if not torch.isfinite(grad).all():
+            bad = sorted({int(i) for i in (~torch.isfinite(grad)).nonzero()[:, 0]})
+            raise ValueError(f"reward '{self.name}' returned a non-finite gradient (samples {bad[:8]})")
+        detached = RewardOutput(out.score.detach(), {k: v.detach() for k, v in out.components.items()})
+        return detached, grad
+
+    def _checked(self, scores: Any, n: int) -> RewardOutput:
+        out = scores if isinstance(scores, RewardOutput) else RewardOutput(
+            score=torch.as_tensor(np.asarray(scores, dtype=np.float32)))
+        if out.score.shape != (n,):
+            raise ValueError(f"reward '{self.name}' returned a score of shape {tuple(out.score.shape)}, expected ({n},)")
         check_finite_reward(out, self.name)
         return out
 

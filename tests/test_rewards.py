@@ -138,3 +138,63 @@ def test_slow_judge_delays_the_inner_reward():
     assert torch.equal(out.score, fast.score)
     with pytest.raises(ValueError, match="seconds_per_batch must be >= 0"):
         build_reward("slow_judge", {"seconds_per_batch": -1})
+
+
+def test_a_differentiable_reward_gives_the_pixel_gradient():
+    class Brightness:
+        differentiable = True
+
+        def __call__(self, images, prompts):
+            return RewardOutput(score=images.mean(dim=(1, 2, 3)) * 2, components={"b": images.mean(dim=(1, 2, 3))})
+
+    class Served:
+        """Returns its gradient itself (as a reward computed elsewhere would)."""
+
+        differentiable = True
+
+        def __call__(self, media, conditions):
+            return media.images.sum(dim=(1, 2, 3))
+
+        def gradient(self, media, conditions):
+            return media.images.sum(dim=(1, 2, 3)), torch.ones_like(media.images) * 3
+
+    imgs = _images(2)
+    out, grad = NamedReward("bright", Brightness()).score_and_grad(Media(images=imgs), Conditions.of(["a", "b"]))
+    torch.testing.assert_close(out.score, imgs.mean(dim=(1, 2, 3)) * 2)
+    assert not out.score.requires_grad and grad.shape == imgs.shape
+    torch.testing.assert_close(grad, torch.full_like(imgs, 2 / (3 * 8 * 8)))  # d(2 mean)/dx = 2/(C H W)
+    video = torch.rand(2, 3, 3, 4, 4)
+    _, vgrad = NamedReward("bright", Brightness()).score_and_grad(Media(video=video), Conditions.of(["a", "b"]))
+    middle = torch.zeros_like(video)
+    middle[:, 1] = 2 / (3 * 4 * 4)  # a plain reward sees the middle frame only
+    torch.testing.assert_close(vgrad, middle)
+    sout, sgrad = NamedReward("served", Served()).score_and_grad(Media(images=imgs), Conditions.of(["a", "b"]))
+    torch.testing.assert_close(sout.score, imgs.sum(dim=(1, 2, 3)))
+    assert sgrad.eq(3).all()
+
+    with pytest.raises(TypeError, match="reward 'plain' is not differentiable"):
+        NamedReward("plain", lambda i, p: i.mean(dim=(1, 2, 3))).score_and_grad(Media(images=imgs), Conditions.of(["a"] * 2))
+
+    class Numpy:
+        differentiable = True
+
+        def __call__(self, images, prompts):
+            return images.detach().numpy().mean(axis=(1, 2, 3))  # computed outside torch
+
+    with pytest.raises(ValueError, match="reward 'np' declares itself differentiable, but its score has no gradient"):
+        NamedReward("np", Numpy()).score_and_grad(Media(images=imgs), Conditions.of(["a"] * 2))
+
+
+def test_a_reward_server_returns_the_gradient_in_batches():
+    """The server-side path (what a reward actor runs): batches of max_batch_size, the same gradient."""
+    from workers.messages import from_wire, to_wire
+    from workers.reward_server import RewardServer, RewardServerError
+
+    server = RewardServer("tests.plugins.my_rewards:soft_brightness", {}, max_batch_size=2)
+    imgs = _images(5)
+    out, grad = server.score_and_grad(to_wire(Media(images=imgs)), to_wire(Conditions.of(["a"] * 5)))
+    torch.testing.assert_close(from_wire(out).score, imgs.mean(dim=(1, 2, 3)))
+    torch.testing.assert_close(grad, torch.full_like(imgs, 1 / (3 * 8 * 8)))
+    plain = RewardServer("tests.plugins.my_rewards:brightness", {}, max_batch_size=2)
+    with pytest.raises(RewardServerError, match=r"failed on samples 0..1: TypeError: reward .* is not differentiable"):
+        plain.score_and_grad(to_wire(Media(images=imgs)), to_wire(Conditions.of(["a"] * 5)))

@@ -46,18 +46,26 @@ class RewardServer:
 
     def score(self, media: Media, conditions: Conditions) -> RewardOutput:
         """Wire :class:`Media` and :class:`Conditions` -> a wire :class:`RewardOutput`, in batches."""
+        return to_wire(RewardOutput.cat(self._batched(lambda m, c: self.fn(m, c), media, conditions)))
+
+    def score_and_grad(self, media: Media, conditions: Conditions) -> tuple[RewardOutput, torch.Tensor]:
+        """A differentiable reward's wire rewards and ``d score / d pixels`` (see ``NamedReward.score_and_grad``)."""
+        parts = self._batched(lambda m, c: self.fn.score_and_grad(m, c), media, conditions)  # type: ignore[attr-defined]
+        return to_wire(RewardOutput.cat([p[0] for p in parts])), torch.cat([p[1] for p in parts])
+
+    def _batched(self, call: Any, media: Media, conditions: Conditions) -> list[Any]:
         media, conditions = from_wire(media), from_wire(conditions)
         parts = []
         for i in range(0, len(conditions), self.max_batch_size):
             sl = slice(i, i + self.max_batch_size)
             try:
-                parts.append(self.fn(media.index(sl), conditions.index(sl)))
+                parts.append(call(media.index(sl), conditions.index(sl)))
             except Exception as err:
                 raise RewardServerError(
                     f"{self.who} (replica {self.replica}) failed on samples "
                     f"{i}..{min(i + self.max_batch_size, len(conditions)) - 1}: {type(err).__name__}: {err}"
                 ) from err
-        return to_wire(RewardOutput.cat(parts))
+        return parts
 
     def env(self, name: str) -> str | None:
         """An environment variable as the server sees it (checks a reward's runtime_env)."""

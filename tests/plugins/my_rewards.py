@@ -40,3 +40,15 @@ def words(images, prompts):
 def with_secrets(images, prompts, api_key="", endpoint=""):
     """A reward configured with credentials (the redaction test checks they are never logged)."""
     return [0.5] * len(prompts)
+
+
+class SoftBrightness:
+    """A differentiable reward: the mean pixel value, a torch function of the pixels."""
+
+    differentiable = True
+
+    def __call__(self, images, prompts):
+        return images.mean(dim=(1, 2, 3))
+
+
+soft_brightness = SoftBrightness()
