@@ -10,12 +10,36 @@ from mlflow.tracking import MlflowClient
 
 from rlflow.config import Config, validate
 
+# The smallest whole run of the toy world: 2 prompts x 4 samples, 6 sampler steps, DPPO, 3 steps. Test modules
+# derive their base config from it with tiny_run(...), so a change of the shared shape is made once.
+TINY_RUN: dict[str, Any] = {
+    "name": "tiny",
+    "sampling": {"prompts_per_step": 2, "group_size": 4, "chunk_size": 4, "num_steps": 6, "sde_range": [0, 4]},
+    "data": {"eval_per_kind": 2},
+    "algo": {"name": "dppo", "kl_threshold": 1e-4},
+    "train": {"steps": 3, "eval_every": 0, "eval_steps": 6, "checkpoint_every": 1, "log_images_every": 0, "threads": 2},
+}
 
-def tiny_config(base: dict[str, Any], tmp_path: Path, **sections: Any) -> Config:
-    """``base`` with each section's keys overridden (a non-dict value replaces the section), writing to ``tmp_path``."""
+
+def merged(base: dict[str, Any], **sections: Any) -> dict[str, Any]:
+    """A copy of ``base`` with each section's keys overridden (a non-dict value replaces the section)."""
     raw = json.loads(json.dumps(base))
     for section, values in sections.items():
         raw[section] = {**raw.get(section, {}), **values} if isinstance(values, dict) else values
+    return raw
+
+
+def tiny_run(**sections: Any) -> dict[str, Any]:
+    """:data:`TINY_RUN` with each section's keys overridden (``algo`` replaces the whole section)."""
+    if "algo" in sections:
+        sections["algo"] = dict(sections["algo"])  # another algorithm's keys would not validate under dppo's
+        return {**merged(TINY_RUN, **{k: v for k, v in sections.items() if k != "algo"}), "algo": sections["algo"]}
+    return merged(TINY_RUN, **sections)
+
+
+def tiny_config(base: dict[str, Any], tmp_path: Path, **sections: Any) -> Config:
+    """``base`` with each section's keys overridden (a non-dict value replaces the section), writing to ``tmp_path``."""
+    raw = merged(base, **sections)
     raw["output_dir"] = str(tmp_path)
     return validate(raw)
 

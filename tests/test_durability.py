@@ -20,16 +20,10 @@ from rlflow.config import ConfigError
 from rlflow.learner import NonFiniteError
 from rlflow.tracking import start_server, stop_server, wait_for_server
 from rlflow.trainer import Trainer
-from tests.helpers import tiny_config
+from tests.helpers import tiny_config, tiny_run
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = {
-    "name": "tiny",
-    "sampling": {"prompts_per_step": 2, "group_size": 4, "chunk_size": 4, "num_steps": 6, "sde_range": [0, 4]},
-    "data": {"eval_per_kind": 2},
-    "algo": {"name": "dppo", "kl_threshold": 1e-4},
-    "train": {"steps": 3, "eval_every": 0, "eval_steps": 6, "checkpoint_every": 1, "log_images_every": 0, "threads": 1},
-}
+TINY = tiny_run(train={"threads": 1})
 REWARD = build_reward("shapes_geneval")
 
 

@@ -22,7 +22,7 @@ from rlflow.learner import Learner
 from rlflow.sampler import Sampler
 from rlflow.trainer import Trainer
 from rlflow.types import Conditions
-from tests.helpers import metric_history, tiny_config
+from tests.helpers import metric_history, tiny_config, tiny_run
 from workers.driver import RayTrainer
 from workers.learner import LearnerGroup
 from workers.messages import to_wire
@@ -31,15 +31,7 @@ from workers.placement import Placement
 pytestmark = pytest.mark.gpu
 ROOT = Path(__file__).resolve().parents[1]
 HALF = {"num_cpus": 1, "num_gpus": 0.5}
-TINY = {
-    "name": "tiny-gpu",
-    "model": {"device": "cuda"},
-    "sampling": {"prompts_per_step": 2, "group_size": 4, "chunk_size": 4, "num_steps": 6, "sde_range": [0, 4]},
-    "data": {"eval_per_kind": 2},
-    "algo": {"name": "dppo", "kl_threshold": 1e-4},
-    "train": {"steps": 3, "eval_every": 0, "eval_steps": 6, "checkpoint_every": 1, "log_images_every": 0},
-    "ray": {"sampler": HALF, "learner": HALF},
-}
+TINY = tiny_run(name="tiny-gpu", model={"device": "cuda"}, train={"threads": 0}, ray={"sampler": HALF, "learner": HALF})
 
 
 def _cfg(tmp_path, **sections):

@@ -13,15 +13,9 @@ from rlflow.learner import Learner, LearnerSettings
 from rlflow.sampler import Sampler, chunks
 from rlflow.trainer import Trainer
 from rlflow.types import Conditions, Rollout
-from tests.helpers import metric_history, tiny_config
+from tests.helpers import metric_history, tiny_config, tiny_run
 
-TINY = {
-    "name": "tiny-nft",
-    "sampling": {"prompts_per_step": 2, "group_size": 4, "chunk_size": 4, "num_steps": 6, "sde_range": [0, 4]},
-    "data": {"eval_per_kind": 2},
-    "algo": {"name": "nft"},
-    "train": {"steps": 4, "eval_every": 2, "eval_steps": 6, "checkpoint_every": 2, "log_images_every": 0, "threads": 2},
-}
+TINY = tiny_run(name="tiny-nft", algo={"name": "nft"}, train={"steps": 4, "eval_every": 2, "checkpoint_every": 2})
 PROMPTS = ["a red circle"] * 4 + ["two blue squares"] * 4
 
 

@@ -29,16 +29,10 @@ from rlflow.config import validate
 from rlflow.trainer import Trainer
 from rlflow.types import Conditions, Media
 from rlflow.worlds.shapes.scene import all_specs, render, sample_scene
-from tests.helpers import metric_history, tiny_config
+from tests.helpers import metric_history, tiny_config, tiny_run
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = {
-    "name": "tiny-http",
-    "sampling": {"prompts_per_step": 2, "group_size": 4, "chunk_size": 4, "num_steps": 6, "sde_range": [0, 4]},
-    "data": {"eval_per_kind": 2},
-    "algo": {"name": "dppo", "kl_threshold": 1e-4},
-    "train": {"steps": 2, "eval_every": 0, "eval_steps": 6, "checkpoint_every": 2, "log_images_every": 0, "threads": 2},
-}
+TINY = tiny_run(name="tiny-http", train={"steps": 2, "checkpoint_every": 2})
 
 
 def _free_port() -> int:

@@ -18,7 +18,7 @@ from rlflow.redact import redact
 from rlflow.trainer import Trainer
 from rlflow.types import Conditions, Media, RewardOutput
 from rlflow.worlds.shapes.scene import parse_prompt, render, sample_scene
-from tests.helpers import metric_history, tiny_config
+from tests.helpers import metric_history, tiny_config, tiny_run
 from workers.driver import RayExecutor, RayTrainer
 from workers.reward_server import RewardServerError
 
@@ -32,15 +32,7 @@ PANEL = {
     ],
     "fusion": "advantage",
 }
-TINY = {
-    "name": "tiny",
-    "sampling": {"prompts_per_step": 2, "group_size": 4, "chunk_size": 4, "num_steps": 6, "sde_range": [0, 4]},
-    "data": {"eval_per_kind": 2},
-    "algo": {"name": "dppo", "kl_threshold": 1e-4},
-    "train": {"steps": 2, "eval_every": 0, "eval_steps": 6, "checkpoint_every": 1, "log_images_every": 0, "threads": 2},
-    "reward": PANEL,
-    "ray": {"sampler": {"num_cpus": 0.5}, "learner": {"num_cpus": 0.5}},
-}
+TINY = tiny_run(train={"steps": 2}, reward=PANEL, ray={"sampler": {"num_cpus": 0.5}, "learner": {"num_cpus": 0.5}})
 
 
 def _reward(**section):

@@ -10,16 +10,10 @@ from rlflow.cli import main
 from rlflow.samples import to_png
 from rlflow.trainer import Trainer
 from rlflow.types import Conditions
-from tests.helpers import tiny_config
+from tests.helpers import tiny_config, tiny_run
 
-TINY = {
-    "name": "tiny",
-    "sampling": {"prompts_per_step": 2, "group_size": 4, "chunk_size": 4, "num_steps": 6, "sde_range": [0, 4]},
-    "data": {"eval_per_kind": 1},
-    "algo": {"name": "dppo", "kl_threshold": 1e-2},
-    "train": {"steps": 2, "lr": 3e-2, "eval_every": 0, "eval_steps": 6, "checkpoint_every": 2, "log_images_every": 0,
-              "threads": 2},
-}
+TINY = tiny_run(data={"eval_per_kind": 1}, algo={"name": "dppo", "kl_threshold": 1e-2},
+                train={"steps": 2, "lr": 3e-2, "checkpoint_every": 2})
 PROMPTS = ["a red circle", "two blue squares", "a green triangle left of a yellow square"]
 
 

@@ -17,15 +17,9 @@ from rlflow.learner import Learner, LearnerSettings
 from rlflow.sampler import Sampler, chunks
 from rlflow.trainer import Trainer
 from rlflow.types import Conditions, Rollout
-from tests.helpers import blank_steps, replayed_anchors, tiny_config
+from tests.helpers import blank_steps, replayed_anchors, tiny_config, tiny_run
 
-TINY = {
-    "name": "tiny",
-    "sampling": {"prompts_per_step": 2, "group_size": 4, "chunk_size": 4, "num_steps": 6, "sde_range": [0, 4]},
-    "data": {"eval_per_kind": 2},
-    "algo": {"name": "dppo", "kl_threshold": 1e-4},
-    "train": {"steps": 4, "eval_every": 2, "eval_steps": 6, "checkpoint_every": 2, "log_images_every": 2, "threads": 2},
-}
+TINY = tiny_run(train={"steps": 4, "eval_every": 2, "checkpoint_every": 2, "log_images_every": 2})
 
 
 def _cfg(tmp_path, **over):

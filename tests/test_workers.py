@@ -16,7 +16,7 @@ from rlflow.config import ConfigError
 from rlflow.sampler import Sampler
 from rlflow.trainer import Trainer
 from rlflow.types import Conditions
-from tests.helpers import metric_history, tiny_config
+from tests.helpers import metric_history, tiny_config, tiny_run
 from workers.driver import RayTrainer
 from workers.learner import LearnerError, LearnerGroup
 from workers.messages import to_wire
@@ -24,15 +24,7 @@ from workers.placement import Placement, plan
 from workers.reward_server import RewardServerError
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = {
-    "name": "tiny",
-    "sampling": {"prompts_per_step": 2, "group_size": 4, "chunk_size": 4, "num_steps": 6, "sde_range": [0, 4]},
-    "data": {"eval_per_kind": 2},
-    "algo": {"name": "dppo", "kl_threshold": 1e-4},
-    "train": {"steps": 3, "eval_every": 0, "eval_steps": 6, "checkpoint_every": 1, "log_images_every": 0, "threads": 2},
-    "reward": {"timeout_s": 120},
-    "ray": {"sampler": {"num_cpus": 0.5}, "learner": {"num_cpus": 0.5}},
-}
+TINY = tiny_run(reward={"timeout_s": 120}, ray={"sampler": {"num_cpus": 0.5}, "learner": {"num_cpus": 0.5}})
 
 
 def _cfg(tmp_path, **sections):
