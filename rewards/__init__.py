@@ -34,7 +34,7 @@ from rlflow.types import Conditions, Media, RewardFn, RewardOutput, check_finite
 _REGISTRY: dict[str, Any] = {}
 _BUILTIN_MODULES = (
     "rewards.shapes", "rewards.synthetic", "rewards.aesthetic", "rewards.clip_score", "rewards.vlm_judge", "rewards.syncnet",
-    "rewards.http",
+    "rewards.http", "rewards.shapes_soft",
 )
 
 
