@@ -16,6 +16,18 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A local 4-CPU Ray cluster for one test module (the modules that use it start their own, fresh)."""
+    import ray
+
+    from tests.helpers import start_local_ray
+
+    start_local_ray()
+    yield
+    ray.shutdown()
+
+
 _EXIT_STATUS: list[int] = []
 
 

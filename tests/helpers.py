@@ -21,6 +21,21 @@ TINY_RUN: dict[str, Any] = {
 }
 
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def start_local_ray(num_cpus: int = 4) -> None:
+    """A fresh local Ray cluster whose workers import this checkout (shut down any earlier one first)."""
+    import ray
+
+    if ray.is_initialized():  # left by an earlier test module's in-process call
+        ray.shutdown()
+    ray.init(
+        address="local", num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING",
+        runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}},
+    )
+
+
 def merged(base: dict[str, Any], **sections: Any) -> dict[str, Any]:
     """A copy of ``base`` with each section's keys overridden (a non-dict value replaces the section)."""
     raw = json.loads(json.dumps(base))

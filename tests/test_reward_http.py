@@ -29,7 +29,7 @@ from rlflow.config import validate
 from rlflow.trainer import Trainer
 from rlflow.types import Conditions, Media
 from rlflow.worlds.shapes.scene import all_specs, render, sample_scene
-from tests.helpers import metric_history, tiny_config, tiny_run
+from tests.helpers import metric_history, start_local_ray, tiny_config, tiny_run
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = tiny_run(name="tiny-http", train={"steps": 2, "checkpoint_every": 2})
@@ -94,10 +94,7 @@ def served():
 
     from workers.serve_reward import serve_reward
 
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="WARNING",
-             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}})
+    start_local_ray()
     port = _free_port()
     base = {"replicas": 1, "num_cpus": 0.5, "max_batch_size": 4}
     cfg = validate({"reward": {"name": "shapes_geneval", **base}}).reward

@@ -3,7 +3,6 @@ the reward or the advantage level (ALGORITHMS.md section 7), every member logged
 a panel of one and behaves as before."""
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,7 +21,6 @@ from tests.helpers import metric_history, tiny_config, tiny_run
 from workers.driver import RayExecutor, RayTrainer
 from workers.reward_server import RewardServerError
 
-ROOT = Path(__file__).resolve().parents[1]
 BRIGHT = "tests.plugins.my_rewards:brightness"
 PANEL = {
     "panel": [
@@ -236,18 +234,6 @@ def test_in_process_run_refuses_a_reward_that_is_not_its_panel(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- on Ray
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(
-        address="local", num_cpus=4, include_dashboard=False, logging_level="WARNING",
-        runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}},
-    )
-    yield
-    ray.shutdown()
 
 
 def test_panel_on_ray_gives_each_member_its_actors_and_logs_every_component(tmp_path, ray_cluster):

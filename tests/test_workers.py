@@ -2,7 +2,6 @@
 weight sync, the one-step-off pipeline, placement, and faults (dead samplers, failing rewards, a dead learner)."""
 
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,7 +22,6 @@ from workers.messages import to_wire
 from workers.placement import Placement, plan
 from workers.reward_server import RewardServerError
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = tiny_run(reward={"timeout_s": 120}, ray={"sampler": {"num_cpus": 0.5}, "learner": {"num_cpus": 0.5}})
 
 
@@ -31,17 +29,7 @@ def _cfg(tmp_path, **sections):
     return tiny_config(TINY, tmp_path, **sections)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def ray_cluster():
-    if ray.is_initialized():  # left by an earlier test module's in-process call
-        ray.shutdown()
-    ray.init(
-        address="local", num_cpus=4, include_dashboard=False, logging_level="WARNING",
-        runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}},
-    )
-    yield
-    ray.shutdown()
-
+pytestmark = pytest.mark.usefixtures("ray_cluster")  # tests/conftest.py: one local cluster for the module
 
 
 def test_ray_pipeline_computes_the_in_process_run(tmp_path):

@@ -107,7 +107,46 @@ def _who(key: str, label: str) -> str:
     return f"reward server '{label}'" if key == "reward" else f"{key} '{label}'"
 
 
-class RewardPool:
+class _Waiting:
+    """The blocking half of the pool interface, shared by :class:`RewardPool` and :class:`RewardPanel`: both
+    only need ``submit``, ``pending_refs``, ``next_deadline``, ``poll`` and ``pop``."""
+
+    def submit(self, key: Any, media: Any, conditions: Conditions) -> None:
+        raise NotImplementedError
+
+    def pending_refs(self) -> list[Any]:
+        raise NotImplementedError
+
+    def next_deadline(self) -> float | None:
+        raise NotImplementedError
+
+    def poll(self) -> None:
+        raise NotImplementedError
+
+    def pop(self, key: Any) -> RewardOutput:
+        raise NotImplementedError
+
+    def score(self, keyed: list[tuple[Any, Any, Conditions]]) -> list[RewardOutput]:
+        """Blocking convenience: submit ``(key, media_ref, conditions)`` items and wait for all of them."""
+        for key, media, conditions in keyed:
+            self.submit(key, media, conditions)
+        while self.pending_refs():
+            self.wait_some()
+        return [self.pop(key) for key, _, _ in keyed]
+
+    def wait_some(self, max_wait: float = 1.0) -> None:
+        refs = self.pending_refs()
+        if refs:
+            deadline = self.next_deadline() or time.monotonic()
+            timeout = max(0.0, min(max_wait, deadline - time.monotonic()))
+            try:
+                ray.wait(refs, num_returns=1, timeout=timeout)
+            except GetTimeoutError:
+                pass
+        self.poll()
+
+
+class RewardPool(_Waiting):
     """``cfg.replicas`` reward actors; calls are spread round-robin and collected with :meth:`poll`.
 
     ``key``: the config keys of this reward in messages (``reward``, or a panel member's ``reward.panel[1]``);
@@ -235,31 +274,12 @@ class RewardPool:
     def discard(self, key: Any) -> None:
         self._calls.pop(key, None)
 
-    def score(self, keyed: list[tuple[Any, Any, Conditions]]) -> list[RewardOutput]:
-        """Blocking convenience: submit ``(key, media_ref, conditions)`` items and wait for all of them."""
-        for key, media, conditions in keyed:
-            self.submit(key, media, conditions)
-        while self.pending_refs():
-            self.wait_some()
-        return [self.pop(key) for key, _, _ in keyed]
-
-    def wait_some(self, max_wait: float = 1.0) -> None:
-        refs = self.pending_refs()
-        if refs:
-            deadline = self.next_deadline() or time.monotonic()
-            timeout = max(0.0, min(max_wait, deadline - time.monotonic()))
-            try:
-                ray.wait(refs, num_returns=1, timeout=timeout)
-            except GetTimeoutError:
-                pass
-        self.poll()
-
     def shutdown(self) -> None:
         for a in self.actors:
             ray.kill(a, no_restart=True)
 
 
-class RewardPanel:
+class RewardPanel(_Waiting):
     """One :class:`RewardPool` per reward of ``cfg`` (a config without ``reward.panel``: one pool, as ever),
     with the pool's interface: a call is sent to every member and :meth:`pop` returns the members' outputs
     fused (:func:`rlflow.panel.fuse_outputs`). ``threads``: torch threads of an actor of ``num_cpus`` CPUs."""
@@ -314,25 +334,6 @@ class RewardPanel:
     def discard(self, key: Any) -> None:
         for pool in self.pools:
             pool.discard(key)
-
-    def score(self, keyed: list[tuple[Any, Any, Conditions]]) -> list[RewardOutput]:
-        """Blocking convenience: submit ``(key, media_ref, conditions)`` items and wait for all of them."""
-        for key, media, conditions in keyed:
-            self.submit(key, media, conditions)
-        while self.pending_refs():
-            self.wait_some()
-        return [self.pop(key) for key, _, _ in keyed]
-
-    def wait_some(self, max_wait: float = 1.0) -> None:
-        refs = self.pending_refs()
-        if refs:
-            deadline = self.next_deadline() or time.monotonic()
-            timeout = max(0.0, min(max_wait, deadline - time.monotonic()))
-            try:
-                ray.wait(refs, num_returns=1, timeout=timeout)
-            except GetTimeoutError:
-                pass
-        self.poll()
 
     def shutdown(self) -> None:
         for pool in self.pools:
