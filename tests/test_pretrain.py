@@ -76,3 +76,24 @@ def test_model_depths_are_settings_of_a_from_scratch_model(tmp_path):
     assert len(policy.transformer.transformer_blocks) == 3
     assert len(policy.text_encoder.text_model.encoder.layers) == 3
     assert json.loads((out / "pretrain.json").read_text())["settings"]["text_layers"] == 3
+
+
+def test_relation_curriculum_draws_one_colour_order_first(tmp_path):
+    from rlflow.worlds.shapes.pretrain import make_batch, palette_ordered
+    from rlflow.worlds.shapes.scene import parse_prompt
+
+    rng = np.random.default_rng(0)
+    _, prompts = make_batch(rng, 400, 0.0, kind_weights=(0, 0, 0, 1), palette_order_only=True)
+    specs = [parse_prompt(p) for p in prompts]
+    assert {s.kind for s in specs} == {"position"} and all(palette_ordered(s) for s in specs)
+    _, mixed = make_batch(rng, 400, 0.0, kind_weights=(0, 0, 0, 1))
+    reversed_share = np.mean([not palette_ordered(parse_prompt(p)) for p in mixed])
+    assert reversed_share == pytest.approx(0.5, abs=0.07)
+    assert palette_ordered(parse_prompt("a blue circle")) and not palette_ordered(parse_prompt("a blue circle above a red square"))
+    # the setting reaches the loop: with the whole run in stage one, the saved settings say so
+    from rlflow.cli import main
+
+    out = tmp_path / "curriculum"
+    assert main(["pretrain", "shapes", "--out", str(out), "--steps", "2", "--eval-every", "100", "--order-curriculum", "2",
+                 "--kind-weights", "0,0,0,1", "--threads", "1"]) == 0
+    assert json.loads((out / "pretrain.json").read_text())["settings"]["order_curriculum"] == 2

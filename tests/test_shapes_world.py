@@ -143,6 +143,21 @@ def test_accuracy_report_and_reward_plugin():
     assert accuracy_report(yellow, ["a circle", "a square", "a red circle"])["drift_top_color_share"] == 1.0
 
 
+def test_position_binding_diagnostics():
+    prompt = "a red circle left of a blue square"
+    images = np.stack([
+        render([Obj("red", "circle", 8, 16, 10), Obj("blue", "square", 24, 16, 10)]),  # all right
+        render([Obj("red", "square", 24, 16, 10), Obj("blue", "circle", 8, 16, 10)]),  # relation and shapes wrong
+        render([Obj("red", "circle", 8, 16, 10), Obj("blue", "circle", 24, 16, 10)]),  # relation right, one shape wrong
+        render([Obj("red", "circle", 8, 16, 10)]),  # blue missing: counts only against colours
+    ])
+    rep = accuracy_report(images, [prompt] * 4)
+    assert rep["accuracy_position"] == 0.25
+    assert rep["binding_colors"] == 0.75 and rep["binding_relation"] == pytest.approx(2 / 3)
+    assert rep["binding_shapes"] == pytest.approx(1 / 3)
+    assert "binding_colors" not in accuracy_report(images[:1], ["a circle"])
+
+
 @pytest.mark.parametrize("size, message", [
     (64, r"64x64 \(sampling.height x sampling.width\).*at most 32 pixels a side"),
     (30, r"30x30 \(sampling.height x sampling.width\) gives 30x30 latents, not a multiple of the transformer's "

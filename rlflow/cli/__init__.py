@@ -145,7 +145,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     given = {"steps": args.steps, "stop_at": args.stop_at, "seed": args.seed, "eval_every": args.eval_every,
              "mislabel_rate": args.mislabel_rate, "init_from": args.init_from, "lr": args.lr,
              "distill_guidance": args.distill_guidance, "warmup": args.warmup, "layers": args.layers,
-             "text_layers": args.text_layers,
+             "text_layers": args.text_layers, "order_curriculum": args.order_curriculum,
              "kind_weights": tuple(float(w) for w in args.kind_weights.split(",")) if args.kind_weights else None}
     settings = PretrainSettings(snapshots=args.snapshots, **{k: v for k, v in given.items() if v is not None})
     result = pretrain(out, settings, log=lambda m: print(m, flush=True))
@@ -184,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="guidance distillation (with --init-from): learn the init model's CFG-g velocity")
     pt.add_argument("--kind-weights", metavar="S,C,N,P",
                     help="relative frequency of the single, colour, count and position prompts (default 1,1,1,1)")
+    pt.add_argument("--order-curriculum", type=int, metavar="N",
+                    help="relation curriculum: for the first N steps position prompts name their colours in the "
+                    "palette's order only, then both orders (default 0: off)")
     pt.add_argument("--lr", type=float, help="peak learning rate (default 1e-3)")
     pt.add_argument("--warmup", type=int, help="warm-up steps (default 100)")
     pt.add_argument("--layers", type=int, help="transformer blocks of a model trained from scratch (default 4)")

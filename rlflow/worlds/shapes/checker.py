@@ -145,7 +145,7 @@ def _matches(dets: list[Detection], shape: str, color: str | None) -> list[Detec
     return [d for d in dets if d.valid and d.shape == shape and (color is None or d.color == color)]
 
 
-def _relation_holds(a: Detection, b: Detection, relation: str, margin: float = 2.0) -> bool:
+def relation_holds(a: Detection, b: Detection, relation: str, margin: float = 2.0) -> bool:
     dx, dy = b.cx - a.cx, b.cy - a.cy
     return {"left of": dx > margin, "right of": -dx > margin, "above": dy > margin, "below": -dy > margin}[relation]
 
@@ -155,7 +155,7 @@ def checks(spec: Spec, dets: list[Detection], stray: int = 0) -> list[bool]:
     clean = stray <= STRAY_MAX
     if spec.kind == "position":
         a, b = _matches(dets, spec.shape, spec.color), _matches(dets, spec.shape2 or "", spec.color2)
-        related = bool(a and b) and _relation_holds(a[0], b[0], spec.relation or "")
+        related = bool(a and b) and relation_holds(a[0], b[0], spec.relation or "")
         return [bool(a), bool(b), related, _n_valid_objects(dets, 2), clean]
     shape_only = _matches(dets, spec.shape, None)
     wanted = _matches(dets, spec.shape, spec.color)

@@ -1,14 +1,18 @@
 """``rlflow pretrain shapes``: train the tiny shapes-world base model by flow matching on generated scenes.
 
-The shipped base (``rlflow/worlds/shapes/base``) is made in two stages; its ``pretrain.json`` records the
-commands, the settings of the last stage, the held-out figures and the wall time:
+The shipped base (``rlflow/worlds/shapes/base``) is made in four stages; its ``pretrain.json`` records each
+stage's command, settings, held-out figures and wall time:
 
 1. ``rlflow pretrain shapes --out STAGE1`` (the defaults below): flow matching from scratch. Its headroom comes
    from caption noise: a ``mislabel_rate`` fraction of the training scenes show their prompt with one asked-for
    attribute changed, so the base follows each prompt only part of the time (as web-trained models do) and RL
    has something to sharpen. Prompts are dropped (replaced by ``""``) 10% of the time so classifier-free
    guidance is usable. The saved weights are an exponential moving average (``ema_decay``).
-2. ``rlflow pretrain shapes --init-from STAGE1 --distill-guidance 3 ...``: guidance distillation. The model
+2. Two stages of a relation curriculum on position prompts only (``kind_weights`` ``0,0,0,1``, clean captions):
+   first with the colours named in the palette's order only (``order_curriculum``), then in both orders.
+   Stage 1 alone learns to ignore the relation word (both colour orders mixed from the start pull the layout
+   in opposite directions); with one order first it learns the relation, then binds it to either order.
+3. ``rlflow pretrain shapes --init-from STAGE2B --distill-guidance 3 ...``: guidance distillation. The model
    learns its own CFG-3 velocity, so one forward pass per step samples like guidance 3 (as FLUX.1-dev does):
    without it the tiny model hedges between a circle and a square (a rounded blob the checker rejects), and
    rollouts with real CFG would cost two forward passes.
@@ -22,6 +26,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +46,7 @@ from rlflow.worlds.shapes.model import (
     save_model,
 )
 from rlflow.worlds.shapes.prompts import sample_specs
-from rlflow.worlds.shapes.scene import IMAGE_SIZE, mislabel, render, sample_scene
+from rlflow.worlds.shapes.scene import COLORS, IMAGE_SIZE, Spec, all_specs, mislabel, render, sample_scene
 
 
 @dataclass(frozen=True)
@@ -69,18 +74,38 @@ class PretrainSettings:
     # v_u + g (v_c - v_u), so one forward pass samples like guidance g (as FLUX.1-dev is guidance-distilled)
     distill_guidance: float | None = None
     kind_weights: tuple[float, ...] | None = None  # how often each prompt kind is drawn (default: equally)
+    # relation curriculum: for the first N steps position prompts name their two colours in the palette's order
+    # only (red before green before blue before yellow), so the relation word alone decides the layout; then
+    # both orders. Mixed from the start, the binding (which object the relation word is about) never starts to
+    # be learnt: the two orders cancel each other's gradient.
+    order_curriculum: int = 0
+
+
+def palette_ordered(spec: Spec) -> bool:
+    """Whether a spec names its colours in the palette's order (always true but for position prompts)."""
+    if spec.kind != "position":
+        return True
+    colors = list(COLORS)
+    return colors.index(spec.color or "") < colors.index(spec.color2 or "")
+
+
+@lru_cache(maxsize=1)
+def _ordered_specs() -> tuple[Spec, ...]:
+    return tuple(s for s in all_specs() if palette_ordered(s))
 
 
 def make_batch(
     rng: np.random.Generator, n: int, dropout: float, mislabel_rate: float = 0.0,
-    kind_weights: tuple[float, ...] | None = None,
+    kind_weights: tuple[float, ...] | None = None, palette_order_only: bool = False,
 ) -> tuple[torch.Tensor, list[str]]:
     """``n`` rendered scenes in ``[-1, 1]`` (``[n, 3, 32, 32]``) and their prompts (some dropped to "").
 
     A ``mislabel_rate`` fraction of the scenes show their prompt with one asked-for attribute changed
     (:func:`rlflow.worlds.shapes.scene.mislabel`): noisy captions, as in web-scale image-text data.
+    ``palette_order_only`` draws only position prompts whose colours come in the palette's order (the first
+    stage of the relation curriculum, :attr:`PretrainSettings.order_curriculum`).
     """
-    specs = sample_specs(rng, n, kind_weights=kind_weights)
+    specs = sample_specs(rng, n, specs=_ordered_specs() if palette_order_only else None, kind_weights=kind_weights)
     drawn = [mislabel(s, rng) if rng.random() < mislabel_rate else s for s in specs]
     images = np.stack([render(sample_scene(s, rng)) for s in drawn])
     prompts = ["" if rng.random() < dropout else s.prompt for s in specs]
@@ -155,7 +180,8 @@ def pretrain(out_dir: str | Path, s: PretrainSettings, log: Callable[[str], None
     for step in range(1, last + 1):
         transformer.train()
         text_encoder.train()
-        x0, prompts = make_batch(rng, s.batch_size, s.prompt_dropout, s.mislabel_rate, s.kind_weights)
+        x0, prompts = make_batch(rng, s.batch_size, s.prompt_dropout, s.mislabel_rate, s.kind_weights,
+                                 palette_order_only=step <= s.order_curriculum)
         t = torch.rand(s.batch_size)
         n_high = int(s.high_t_weight * s.batch_size)
         t[:n_high] = 0.6 + 0.4 * t[:n_high]
