@@ -78,7 +78,7 @@ def test_model_depths_are_settings_of_a_from_scratch_model(tmp_path):
     assert json.loads((out / "pretrain.json").read_text())["settings"]["text_layers"] == 3
 
 
-def test_relation_curriculum_draws_one_colour_order_first(tmp_path):
+def test_relation_curriculum_draws_one_colour_order_first():
     from rlflow.worlds.shapes.pretrain import make_batch, palette_ordered
     from rlflow.worlds.shapes.scene import parse_prompt
 
@@ -90,10 +90,23 @@ def test_relation_curriculum_draws_one_colour_order_first(tmp_path):
     reversed_share = np.mean([not palette_ordered(parse_prompt(p)) for p in mixed])
     assert reversed_share == pytest.approx(0.5, abs=0.07)
     assert palette_ordered(parse_prompt("a blue circle")) and not palette_ordered(parse_prompt("a blue circle above a red square"))
-    # the setting reaches the loop: with the whole run in stage one, the saved settings say so
-    from rlflow.cli import main
 
+
+def test_order_curriculum_reaches_the_loop_from_the_cli(tmp_path, monkeypatch):
+    """``--order-curriculum 2`` of a 3-step run: steps 1-2 draw palette-ordered batches, step 3 both orders."""
+    from rlflow.cli import main
+    from rlflow.worlds.shapes import pretrain as pretrain_module
+
+    flags = []
+    real = pretrain_module.make_batch
+
+    def spy(*args, palette_order_only=False, **kwargs):
+        flags.append(palette_order_only)
+        return real(*args, palette_order_only=palette_order_only, **kwargs)
+
+    monkeypatch.setattr(pretrain_module, "make_batch", spy)
     out = tmp_path / "curriculum"
-    assert main(["pretrain", "shapes", "--out", str(out), "--steps", "2", "--eval-every", "100", "--order-curriculum", "2",
+    assert main(["pretrain", "shapes", "--out", str(out), "--steps", "3", "--eval-every", "100", "--order-curriculum", "2",
                  "--kind-weights", "0,0,0,1", "--threads", "1"]) == 0
+    assert flags == [True, True, False]
     assert json.loads((out / "pretrain.json").read_text())["settings"]["order_curriculum"] == 2
